@@ -1,0 +1,96 @@
+"""Encoder half: the vision tower alone, one packed forward per batch of prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+from .checkpoint import VISION_PREFIX, CheckpointReader, load_config, materialize
+from .processor import ProcessedPrompt
+
+
+@dataclass
+class EncodedPrompt:
+    """What the encoder stages for the language side (DESIGN §3, before buffer layout)."""
+
+    fill_ids: torch.Tensor  # [L] int32
+    mrope_positions: torch.Tensor  # [L, 3] int32
+    embeddings: torch.Tensor  # [V, H] model dtype, one row per visual token
+    deepstack: torch.Tensor  # [V, D*H] model dtype, [ds_0 | ds_1 | ...] per visual token
+    mrope_delta: int
+    image_spans: list[tuple[int, int]]  # (first token, number of tokens) of each image's pads
+
+    @property
+    def length(self) -> int:
+        return int(self.fill_ids.shape[0])
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def visual_rows_before(self, token: int) -> int:
+        """How many visual rows belong to tokens [0, token)."""
+        return sum(min(max(token - start, 0), n) for start, n in self.image_spans)
+
+    def slice(self, start: int, end: int) -> EncodedPrompt:
+        """Tokens [start, end) with exactly their own embedding and DeepStack rows."""
+        end = min(end, self.length)
+        v0, v1 = self.visual_rows_before(start), self.visual_rows_before(end)
+        spans = [(max(s, start) - start, min(s + n, end) - max(s, start)) for s, n in self.image_spans]
+        return EncodedPrompt(
+            fill_ids=self.fill_ids[start:end],
+            mrope_positions=self.mrope_positions[start:end],
+            embeddings=self.embeddings[v0:v1],
+            deepstack=self.deepstack[v0:v1],
+            mrope_delta=self.mrope_delta,
+            image_spans=[(s, n) for s, n in spans if n > 0],
+        )
+
+
+class VisionEncoder:
+    """Loads only `model.visual.*` and turns processed prompts into EncodedPrompts."""
+
+    def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.config = load_config(checkpoint_dir)
+        self.dtype, self.device = dtype, torch.device(device)
+        vc = self.config.vision_config
+        self.hidden_size = vc.out_hidden_size
+        self.num_deepstack = len(vc.deepstack_visual_indexes)
+        with torch.device("meta"):
+            visual = Qwen3VLMoeVisionModel._from_config(vc, dtype=dtype)
+        state = CheckpointReader(checkpoint_dir).load((VISION_PREFIX,), strip=VISION_PREFIX, dtype=dtype)
+        self.visual = materialize(visual, state, self.device).eval()
+        self.merge_unit = vc.spatial_merge_size**2
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[ProcessedPrompt]) -> list[EncodedPrompt]:
+        """One packed vision forward over every image of every prompt, split back per prompt."""
+        with_images = [p for p in prompts if p.num_images]
+        embeds, deepstack = self._empty(0), self._empty(0, self.num_deepstack)
+        if with_images:
+            pixels = torch.cat([p.pixel_values for p in with_images]).to(self.device, self.dtype)
+            grid = torch.cat([p.image_grid_thw for p in with_images]).to(self.device)
+            out = self.visual(pixels, grid_thw=grid, return_dict=True)
+            embeds = out.pooler_output
+            if self.num_deepstack:
+                deepstack = torch.cat(list(out.deepstack_features), dim=-1)
+        results, row = [], 0
+        for p in prompts:
+            v = int(p.image_grid_thw.prod(-1).sum()) // self.merge_unit if p.num_images else 0
+            results.append(
+                EncodedPrompt(
+                    fill_ids=p.fill_ids.to(torch.int32),
+                    mrope_positions=p.mrope_positions.T.contiguous().to(torch.int32),
+                    embeddings=embeds[row : row + v],
+                    deepstack=deepstack[row : row + v],
+                    mrope_delta=p.mrope_delta,
+                    image_spans=p.image_spans,
+                )
+            )
+            row += v
+        return results
+
+    def _empty(self, rows: int, levels: int = 1) -> torch.Tensor:
+        return torch.zeros(rows, levels * self.hidden_size, dtype=self.dtype, device=self.device)

@@ -1,0 +1,43 @@
+"""Typed errors; `code` is the Triton error code the adapters map each one to."""
+
+
+class EpdError(Exception):
+    """Base class; `code` names the Triton error code (INVALID_ARG, UNAVAILABLE, ...)."""
+
+    code = "INTERNAL"
+
+
+class InvalidInputError(EpdError):
+    """The request itself is wrong; the message names the field and the limit."""
+
+    code = "INVALID_ARG"
+
+
+class ImageError(InvalidInputError):
+    """An image was rejected; `index` is its position in the request (0-based)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"image {index}: {message}")
+        self.index = index
+
+
+class ImageDecodeError(ImageError):
+    """The bytes are not a decodable JPEG, PNG or WebP image."""
+
+
+class ImageTooLargeError(ImageError):
+    """Over the encoded-bytes or pixel limit, or an aspect ratio the processor cannot resize."""
+
+
+class TooManyImagesError(InvalidInputError):
+    """More images than the per-prompt limit."""
+
+
+class PromptTooLongError(InvalidInputError):
+    """The expanded prompt exceeds the maximum model length."""
+
+
+class UnavailableError(EpdError):
+    """Capacity or peer problem; the client may retry."""
+
+    code = "UNAVAILABLE"

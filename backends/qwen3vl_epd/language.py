@@ -1,0 +1,181 @@
+"""Language half: the text decoder and lm_head alone, DeepStack at visual positions, KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel, apply_rotary_pos_emb
+
+from .checkpoint import LM_HEAD_PREFIX, TEXT_PREFIX, CheckpointReader, load_config, materialize
+from .encoder import EncodedPrompt
+from .sampling import Sampler, SamplingParams
+
+
+class KVCache:
+    """One sequence's keys and values per layer, [1, kv_heads, T, head_dim], grown per chunk."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else int(self.k[0].shape[2])
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k, v = torch.cat([self.k[layer], k], 2), torch.cat([self.v[layer], v], 2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+@dataclass
+class Chunk:
+    """One sequence's run of consecutive tokens inside a flat forward batch."""
+
+    cache: KVCache
+    num_tokens: int
+
+
+@dataclass
+class Generation:
+    """Output of LanguageModel.generate."""
+
+    tokens: list[int]
+    finish_reason: str
+    prompt_logits: torch.Tensor | None = None  # [L, vocab] when asked for
+    step_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class LanguageModel:
+    """Loads only `model.language_model.*` and `lm_head.*`; forwards flat variable-length batches."""
+
+    def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        self.config = load_config(checkpoint_dir)
+        tc = self.config.text_config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.hidden_size = tc.hidden_size
+        self.num_deepstack = len(self.config.vision_config.deepstack_visual_indexes)
+        self.visual_token_ids = (self.config.image_token_id, self.config.video_token_id)
+        eos = self.config.text_config.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {151643}
+        reader = CheckpointReader(checkpoint_dir)
+        with torch.device("meta"):
+            text = Qwen3VLMoeTextModel._from_config(tc, dtype=dtype)
+            lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False, dtype=dtype)
+        self.model = materialize(text, reader.load((TEXT_PREFIX,), strip=TEXT_PREFIX, dtype=dtype), self.device).eval()
+        head = reader.load((LM_HEAD_PREFIX,), strip=LM_HEAD_PREFIX, dtype=dtype)
+        if not head and tc.tie_word_embeddings:
+            head = {"weight": self.model.embed_tokens.weight}
+        self.lm_head = materialize(lm_head, head, self.device).eval()
+
+    def embed(self, fill_ids: torch.Tensor, visual_rows: torch.Tensor) -> torch.Tensor:
+        """embed_tokens(fill_ids) with the visual rows scattered at the image/video pad positions."""
+        ids = fill_ids.to(self.device, torch.long)
+        embeds = self.model.embed_tokens(ids)
+        mask = self.visual_mask(ids)
+        if int(mask.sum()) != visual_rows.shape[0]:
+            raise ValueError(f"{int(mask.sum())} visual pads but {visual_rows.shape[0]} embedding rows")
+        embeds[mask] = visual_rows.to(self.device, self.dtype)
+        return embeds
+
+    def visual_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device))
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        chunks: list[Chunk],
+        visual_index: torch.Tensor | None = None,
+        deepstack: torch.Tensor | None = None,
+        logits_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Flat batch: embeds [N, H], positions [3, N], chunks in order; returns logits at logits_index."""
+        x = embeds.to(self.dtype)
+        cos, sin = self.model.rotary_emb(x, positions.to(self.device, torch.long)[:, None, :])
+        for i, layer in enumerate(self.model.layers):
+            x = x + self._attention(layer, i, layer.input_layernorm(x), cos, sin, chunks)
+            x = x + layer.mlp(layer.post_attention_layernorm(x)[None])[0]
+            if deepstack is not None and i < self.num_deepstack and visual_index.numel():
+                h = self.hidden_size
+                x[visual_index] += deepstack[:, i * h : (i + 1) * h].to(self.device, self.dtype)
+        x = self.model.norm(x if logits_index is None else x[logits_index])
+        return self.lm_head(x)
+
+    def _attention(self, layer, layer_idx, h, cos, sin, chunks) -> torch.Tensor:
+        attn = layer.self_attn
+        n, hd = h.shape[0], attn.head_dim
+        q = attn.q_norm(attn.q_proj(h).view(n, -1, hd)).transpose(0, 1)[None]
+        k = attn.k_norm(attn.k_proj(h).view(n, -1, hd)).transpose(0, 1)[None]
+        v = attn.v_proj(h).view(n, -1, hd).transpose(0, 1)[None]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        out, start = [], 0
+        for c in chunks:
+            end = start + c.num_tokens
+            kc, vc = c.cache.append(layer_idx, k[:, :, start:end], v[:, :, start:end])
+            past = kc.shape[2] - c.num_tokens
+            mask = None
+            if c.num_tokens > 1:
+                # query i (absolute past + i) sees keys 0..past + i
+                mask = torch.ones(c.num_tokens, kc.shape[2], dtype=torch.bool, device=h.device).tril(past)
+            o = F.scaled_dot_product_attention(
+                q[:, :, start:end], kc, vc, attn_mask=mask, scale=attn.scaling, enable_gqa=True
+            )
+            out.append(o[0].transpose(0, 1).reshape(c.num_tokens, -1))
+            start = end
+        return attn.o_proj(torch.cat(out))
+
+    def prefill(self, prompt: EncodedPrompt, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """Prefill one (chunk of a) prompt into `cache`; logits of its last token, or of all."""
+        embeds = self.embed(prompt.fill_ids, prompt.embeddings)
+        visual_index = self.visual_mask(prompt.fill_ids.to(self.device)).nonzero().flatten()
+        n = prompt.length
+        return self.forward(
+            embeds,
+            prompt.mrope_positions.T,
+            [Chunk(cache, n)],
+            visual_index,
+            prompt.deepstack if self.num_deepstack else None,
+            None if all_logits else torch.tensor([n - 1]),
+        )
+
+    def decode_step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
+        """One token at M-RoPE position `position` on all three axes; logits [1, vocab]."""
+        ids = torch.tensor([token], device=self.device)
+        pos = torch.full((3, 1), position, dtype=torch.long)
+        return self.forward(self.model.embed_tokens(ids), pos, [Chunk(cache, 1)])
+
+    def generate(
+        self,
+        prompt: EncodedPrompt,
+        params: SamplingParams | None = None,
+        chunk_size: int | None = None,
+        return_logits: bool = False,
+    ) -> Generation:
+        """Prefill (in chunks of `chunk_size` tokens if given) then decode; single sequence."""
+        params = params or SamplingParams()
+        sampler, cache = Sampler(params), KVCache(len(self.model.layers))
+        step = chunk_size or prompt.length
+        parts = [self.prefill(prompt.slice(s, s + step), cache, all_logits=return_logits) for s in range(0, prompt.length, step)]
+        prompt_logits = torch.cat(parts) if return_logits else None
+        logits = parts[-1][-1]
+        tokens, result = [], Generation([], "length", prompt_logits)
+        while len(tokens) < params.max_tokens:
+            if return_logits:
+                result.step_logits.append(logits)
+            token = sampler(logits)
+            tokens.append(token)
+            if token in self.eos_ids and not params.ignore_eos:
+                result.finish_reason = "stop"
+                break
+            if len(tokens) == params.max_tokens:
+                break
+            position = prompt.length + len(tokens) - 1 + prompt.mrope_delta
+            logits = self.decode_step(token, position, cache)[0]
+        result.tokens = tokens
+        return result

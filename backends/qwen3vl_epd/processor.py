@@ -1,0 +1,222 @@
+"""Prompt processing: chat template, image decoding with limits, patches, pad expansion, M-RoPE."""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers import AutoTokenizer
+from transformers.image_transforms import convert_to_rgb
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
+
+from .checkpoint import load_config
+from .errors import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    InvalidInputError,
+    PromptTooLongError,
+    TooManyImagesError,
+)
+
+IMAGE_MARKER = "<image>"
+VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+@dataclass
+class Limits:
+    """Per-request input limits; every violation names the limit in its error."""
+
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000  # checked from the header, before any pixel is decoded
+    max_images: int = 8
+    max_prompt_tokens: int = 32768
+
+
+@dataclass
+class ProcessedPrompt:
+    """A prompt ready for the vision tower: pads expanded, patches cut, M-RoPE computed."""
+
+    fill_ids: torch.Tensor  # [L] int64, image pads expanded
+    pixel_values: torch.Tensor  # [sum of patches, C*T*P*P] float32
+    image_grid_thw: torch.Tensor  # [n_images, 3] int64
+    mrope_positions: torch.Tensor  # [3, L] int64
+    mrope_delta: int
+    image_spans: list = field(default_factory=list)  # (first token, number of pads) per image
+    image_sizes: list = field(default_factory=list)  # (width, height) as decoded, per image
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_grid_thw.shape[0])
+
+
+def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Raw JPEG/PNG/WebP bytes → RGB image, enforcing byte and pixel limits before decoding."""
+    if len(data) > limits.max_image_bytes:
+        raise ImageTooLargeError(
+            index, f"{len(data)} bytes is over the limit of {limits.max_image_bytes} encoded bytes"
+        )
+    if not data:
+        raise ImageDecodeError(index, "cannot decode image: it is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(index, f"over the pixel limit of {limits.max_image_pixels}, rejected from the header: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(index, "cannot decode image: not a JPEG, PNG or WebP file") from None
+    except (OSError, ValueError) as e:
+        raise ImageDecodeError(index, f"cannot decode image: {e}") from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise ImageTooLargeError(
+            index, f"{width}x{height} = {width * height} pixels is over the pixel limit of {limits.max_image_pixels}"
+        )
+    try:
+        image.seek(0)  # animated images: the first frame
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(index, f"cannot decode image: {e}") from None
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale: scale to 8 bits; PIL's own convert would clip everything above 255.
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
+
+
+class Processor:
+    """Turns a user message (text plus raw image bytes) into a ProcessedPrompt."""
+
+    def __init__(self, checkpoint_dir: str | Path, limits: Limits | None = None):
+        self.limits = limits or Limits()
+        self.config = load_config(checkpoint_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
+        pp = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
+        pp.pop("image_processor_type", None)
+        self.image_processor = Qwen2VLImageProcessorPil(**pp)
+        self.merge_size = self.image_processor.merge_size
+        self.image_token_id = self.config.image_token_id
+        # get_rope_index only needs the config and get_vision_position_ids (which ignores self);
+        # this lets us call transformers' own M-RoPE code without building the model.
+        self._rope_owner = SimpleNamespace(
+            config=self.config,
+            get_vision_position_ids=lambda *a, **k: Qwen3VLMoeModel.get_vision_position_ids(None, *a, **k),
+        )
+
+    def build_prompt(self, text: str, num_images: int, raw_prompt: bool = False) -> str:
+        """The templated prompt: `<image>` markers or leading images become vision placeholders."""
+        if raw_prompt:
+            found = text.count(VISION_PLACEHOLDER)
+            if found != num_images:
+                raise InvalidInputError(
+                    f"text_input: raw prompt has {found} '{VISION_PLACEHOLDER}' placeholders but {num_images} images were sent"
+                )
+            return text
+        markers = text.count(IMAGE_MARKER)
+        if markers and markers != num_images:
+            raise InvalidInputError(
+                f"text_input: {markers} '{IMAGE_MARKER}' markers but {num_images} images were sent; they must match"
+            )
+        if markers:
+            content = []
+            for i, part in enumerate(text.split(IMAGE_MARKER)):
+                if i:
+                    content.append({"type": "image"})
+                if part:
+                    content.append({"type": "text", "text": part})
+        else:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+        return self.apply_chat_template([{"role": "user", "content": content}])
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The checkpoint's chat template with the generation prompt, untokenized."""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def process(self, text: str, images: list[bytes] = (), raw_prompt: bool = False) -> ProcessedPrompt:
+        """DESIGN §5 semantics of `text_input` + `image` + `raw_prompt`."""
+        if len(images) > self.limits.max_images:
+            raise TooManyImagesError(
+                f"image: {len(images)} images is over the limit of {self.limits.max_images} per prompt"
+            )
+        prompt = self.build_prompt(text, len(images), raw_prompt)
+        decoded = [decode_image(data, i, self.limits) for i, data in enumerate(images)]
+        return self.process_prompt(prompt, decoded)
+
+    def process_prompt(self, prompt: str, images: list[Image.Image]) -> ProcessedPrompt:
+        """A templated prompt with one vision placeholder per decoded image → ProcessedPrompt."""
+        if images:
+            pixel_values, grid_thw = self._patches(images)
+        else:
+            pixel_values = torch.zeros(0, self._patch_dim(), dtype=torch.float32)
+            grid_thw = torch.zeros(0, 3, dtype=torch.int64)
+        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        fill_ids, spans = self._expand_pads(ids, grid_thw)
+        if fill_ids.numel() > self.limits.max_prompt_tokens:
+            raise PromptTooLongError(
+                f"text_input: prompt is {fill_ids.numel()} tokens after image expansion, over the "
+                f"max model length of {self.limits.max_prompt_tokens}"
+            )
+        positions, delta = self.rope_index(fill_ids, grid_thw)
+        return ProcessedPrompt(
+            fill_ids=fill_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=grid_thw,
+            mrope_positions=positions,
+            mrope_delta=delta,
+            image_spans=spans,
+            image_sizes=[im.size for im in images],
+        )
+
+    def rope_index(self, fill_ids: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions [3, L] and delta, by transformers' get_rope_index."""
+        if grid_thw.shape[0] == 0:
+            L = fill_ids.numel()
+            return torch.arange(L, dtype=torch.int64).expand(3, L).clone(), 0
+        ids = fill_ids[None]
+        mm_types = (ids == self.image_token_id).to(torch.int32)
+        pos, delta = Qwen3VLMoeModel.get_rope_index(self._rope_owner, ids, mm_types, image_grid_thw=grid_thw)
+        return pos[:, 0].to(torch.int64), int(delta.item())
+
+    def _patch_dim(self) -> int:
+        ip = self.image_processor
+        return 3 * ip.temporal_patch_size * ip.patch_size * ip.patch_size
+
+    def _patches(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        pixel_values, grids = [], []
+        for i, image in enumerate(images):
+            try:
+                out = self.image_processor(images=[image], return_tensors="pt")
+            except ValueError as e:  # smart_resize: aspect ratio over 200
+                raise ImageTooLargeError(
+                    i, f"{image.size[0]}x{image.size[1]} is rejected by the image processor's aspect ratio limit (200): {e}"
+                ) from None
+            pixel_values.append(out["pixel_values"])
+            grids.append(out["image_grid_thw"])
+        return torch.cat(pixel_values).to(torch.float32), torch.cat(grids).to(torch.int64)
+
+    def _expand_pads(self, ids: list[int], grid_thw: torch.Tensor) -> tuple[torch.Tensor, list]:
+        tokens_per_image = (grid_thw.prod(-1) // (self.merge_size**2)).tolist()
+        found = ids.count(self.image_token_id)
+        if found != len(tokens_per_image):
+            raise InvalidInputError(
+                f"text_input: {found} image placeholders in the prompt but {len(tokens_per_image)} images"
+            )
+        out, spans = [], []
+        for t in ids:
+            if t == self.image_token_id:
+                n = tokens_per_image[len(spans)]
+                spans.append((len(out), n))
+                out.extend([t] * n)
+            else:
+                out.append(t)
+        return torch.tensor(out, dtype=torch.int64), spans
