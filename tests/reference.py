@@ -1,0 +1,25 @@
+"""transformers' own Qwen3VLMoeForConditionalGeneration on a ProcessedPrompt: the ground truth."""
+
+import torch
+
+
+def reference_inputs(prompt, image_token_id=151655) -> dict:
+    ids = prompt.fill_ids[None].long()
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).int())
+    if prompt.num_images:
+        kw.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+    return kw
+
+
+@torch.no_grad()
+def reference_logits(model, prompt) -> torch.Tensor:
+    """Prompt logits [L, vocab]."""
+    return model(**reference_inputs(prompt)).logits[0]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, max_new_tokens: int = 32) -> list[int]:
+    """transformers' greedy generate, new tokens only."""
+    kw = reference_inputs(prompt)
+    out = model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, kw["input_ids"].shape[1]:].tolist()
