@@ -7,7 +7,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGES = ROOT.parent / "shared" / "testdata" / "images"
+IMAGES = Path(os.environ.get("EPD_TEST_IMAGES", ROOT.parent / "shared" / "testdata" / "images"))
 TOL = 1e-4  # fp32 max abs logit difference against transformers
 
 
