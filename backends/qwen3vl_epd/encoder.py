@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,21 +33,41 @@ class EncodedPrompt:
 
     def visual_rows_before(self, token: int) -> int:
         """How many visual rows belong to tokens [0, token)."""
-        return sum(min(max(token - start, 0), n) for start, n in self.image_spans)
+        return visual_rows_before(self.image_spans, token)
 
     def slice(self, start: int, end: int) -> EncodedPrompt:
         """Tokens [start, end) with exactly their own embedding and DeepStack rows."""
         end = min(end, self.length)
         v0, v1 = self.visual_rows_before(start), self.visual_rows_before(end)
-        spans = [(max(s, start) - start, min(s + n, end) - max(s, start)) for s, n in self.image_spans]
         return EncodedPrompt(
             fill_ids=self.fill_ids[start:end],
             mrope_positions=self.mrope_positions[start:end],
             embeddings=self.embeddings[v0:v1],
             deepstack=self.deepstack[v0:v1],
             mrope_delta=self.mrope_delta,
-            image_spans=[(s, n) for s, n in spans if n > 0],
+            image_spans=clip_spans(self.image_spans, start, end),
         )
+
+    def chunks(self, size: int | None = None) -> Iterator[EncodedPrompt]:
+        """Consecutive slices of `size` tokens (the whole prompt when None)."""
+        size = size or self.length
+        for start in range(0, self.length, size):
+            yield self.slice(start, start + size)
+
+
+def visual_rows_before(spans, token: int) -> int:
+    """Visual rows of tokens [0, token), given the (first token, count) span of each image."""
+    return sum(min(max(token - s, 0), n) for s, n in spans)
+
+
+def clip_spans(spans, start: int, end: int) -> list[tuple[int, int]]:
+    """The image spans inside tokens [start, end), relative to start."""
+    out = []
+    for s, n in spans:
+        a, z = max(s, start), min(s + n, end)
+        if z > a:
+            out.append((a - start, z - a))
+    return out
 
 
 class VisionEncoder:

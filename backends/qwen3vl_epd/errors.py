@@ -41,3 +41,19 @@ class UnavailableError(EpdError):
     """Capacity or peer problem; the client may retry."""
 
     code = "UNAVAILABLE"
+
+
+class HandleError(InvalidInputError):
+    """A handle that is malformed, for another model, from a peer not allowed, or forged."""
+
+
+class HandleExpiredError(UnavailableError):
+    """The encoder reclaimed the slot (released earlier or older than handle_ttl_s)."""
+
+
+class PeerError(UnavailableError):
+    """The encoder peer is unreachable or died during a transfer."""
+
+
+class PoolFullError(UnavailableError):
+    """A buffer pool stayed full for the whole bounded wait."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -152,16 +153,20 @@ class LanguageModel:
 
     def generate(
         self,
-        prompt: EncodedPrompt,
+        prompt: EncodedPrompt | Iterable[EncodedPrompt],
         params: SamplingParams | None = None,
         chunk_size: int | None = None,
         return_logits: bool = False,
     ) -> Generation:
-        """Prefill (in chunks of `chunk_size` tokens if given) then decode; single sequence."""
+        """Prefill chunk by chunk (a prompt cut every `chunk_size` tokens, or chunks as they are
+        pulled), then decode; single sequence."""
         params = params or SamplingParams()
         sampler, cache = Sampler(params), KVCache(len(self.model.layers))
-        step = chunk_size or prompt.length
-        parts = [self.prefill(prompt.slice(s, s + step), cache, all_logits=return_logits) for s in range(0, prompt.length, step)]
+        chunks = prompt.chunks(chunk_size) if isinstance(prompt, EncodedPrompt) else prompt
+        parts, length, delta = [], 0, 0
+        for chunk in chunks:
+            parts.append(self.prefill(chunk, cache, all_logits=return_logits))
+            length, delta = length + chunk.length, chunk.mrope_delta
         prompt_logits = torch.cat(parts) if return_logits else None
         logits = parts[-1][-1]
         tokens, result = [], Generation([], "length", prompt_logits)
@@ -175,7 +180,7 @@ class LanguageModel:
                 break
             if len(tokens) == params.max_tokens:
                 break
-            position = prompt.length + len(tokens) - 1 + prompt.mrope_delta
+            position = length + len(tokens) - 1 + delta
             logits = self.decode_step(token, position, cache)[0]
         result.tokens = tokens
         return result
