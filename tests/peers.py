@@ -69,6 +69,7 @@ class EncoderPeer:
     """Handle on the spawned encoder process."""
 
     def __init__(self, hidden=64, deepstack=3, buffer_config=None, ttl=120.0, alloc_wait_s=2.0, checkpoint=None):
+        self.hidden, self.deepstack = hidden, deepstack
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(

@@ -41,7 +41,7 @@ def make_puller(transport, deepstack, chunk=CHUNK, **kw):
 
 @pytest.fixture(scope="module")
 def puller(peer, transport):
-    return make_puller(transport, peer.process._args[2])
+    return make_puller(transport, peer.deepstack)
 
 
 def assert_same(got, want):
@@ -53,14 +53,10 @@ def assert_same(got, want):
     assert [tuple(s) for s in got.image_spans] == [tuple(s) for s in want.image_spans]
 
 
-def deepstack_of(peer):
-    return peer.process._args[2]
-
-
 @pytest.mark.parametrize("length,visual,images", [(20, 0, 0), (10, 1, 1), (60, 37, 1), (230, 150, 3)],
                          ids=["V0", "V1", "V37_not_block_multiple", "three_chunks"])
 def test_round_trip_bit_exact(peer, puller, length, visual, images):
-    d = deepstack_of(peer)
+    d = peer.deepstack
     handle = peer.stage(7, length, visual, images)
     before = puller.stats.bytes_read
     with puller.open(handle) as session:
@@ -76,7 +72,7 @@ def test_round_trip_bit_exact(peer, puller, length, visual, images):
 
 
 def test_three_chunks_each_carry_their_own_rows(peer, puller):
-    d = deepstack_of(peer)
+    d = peer.deepstack
     want = synthetic_prompt(3, 230, 150, H, d, 3)
     with puller.open(peer.stage(3, 230, 150, 3)) as session:
         chunks = list(session.chunks())
@@ -114,7 +110,7 @@ def test_forged_nonce(peer, puller):
     assert e.value.code == "INVALID_ARG" and peer.session_id in str(e.value)
     assert zero(puller.buffers.in_use())
     # the forged attempt did not release the real slot, which still reads correctly
-    assert_same(puller.pull(handle), synthetic_prompt(4, 40, 20, H, deepstack_of(peer)))
+    assert_same(puller.pull(handle), synthetic_prompt(4, 40, 20, H, peer.deepstack))
     peer.call("reclaim", 0)
     assert zero(peer.in_use())
 
@@ -150,7 +146,7 @@ def test_unreachable_peer(peer, puller):
 
 
 def test_32_concurrent_pulls(peer, puller):
-    d = deepstack_of(peer)
+    d = peer.deepstack
     sizes = [(s, 20 + 13 * s, 7 * s % 90, 1 + s % 3) for s in range(32)]
     handles = [peer.stage(s, L, V, n) for s, L, V, n in sizes]
     with ThreadPoolExecutor(8) as pool:

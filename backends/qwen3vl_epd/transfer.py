@@ -346,7 +346,7 @@ class PullSession:
         self.puller.transport.read(h.peer, local[-1:], remote[-1:], lengths[-1:], what)
         self._check_aux(what)
         st = self.puller.stats
-        st.bytes_read += sum(lengths)
+        st.bytes_read += sum(lengths) + lengths[-1]  # the batch plus the header re-read
         st.reads += 1
         st.seconds += time.perf_counter() - t0
         st.entries = (st.entries + [len(lengths)])[-16:]
