@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -18,20 +17,24 @@ class BlockError(EpdError):
 
 
 class BlockAllocator:
-    """Hands out block ids of one fixed-size pool; thread-safe."""
+    """Hands out block ids of one fixed-size pool, first fit; thread-safe."""
 
     def __init__(self, name: str, num_blocks: int):
         self.name, self.num_blocks = name, num_blocks
-        self._free = deque(range(num_blocks))
+        self._free = set(range(num_blocks))
         self._used: set[int] = set()
         self._lock = threading.Lock()
 
     def allocate(self, n: int) -> list[int] | None:
-        """n block ids, or None when fewer than n are free (the caller decides how to wait)."""
+        """n block ids, or None when fewer than n are free (the caller decides how to wait).
+
+        Prefers the lowest run of n consecutive blocks: one run is one transfer entry and a
+        view instead of a copy on the reading side."""
         with self._lock:
             if n > len(self._free):
                 return None
-            ids = [self._free.popleft() for _ in range(n)]
+            ids = _first_run(sorted(self._free), n)
+            self._free.difference_update(ids)
             self._used.update(ids)
             return ids
 
@@ -42,13 +45,23 @@ class BlockAllocator:
                     raise BlockError(f"{self.name}: block {i!r} is not a block of this pool")
                 if i not in self._used:
                     raise BlockError(f"{self.name}: block {i} is not in use (double free)")
-            for i in ids:
-                self._used.remove(i)
-                self._free.append(i)
+            self._used.difference_update(ids)
+            self._free.update(ids)
 
     def in_use(self) -> int:
         with self._lock:
             return len(self._used)
+
+
+def _first_run(free: list[int], n: int) -> list[int]:
+    """The lowest n consecutive ids in the sorted free list, else its lowest n."""
+    run_start = 0
+    for i in range(len(free)):
+        if i and free[i] != free[i - 1] + 1:
+            run_start = i
+        if i - run_start + 1 == n:
+            return free[run_start : i + 1]
+    return free[:n]
 
 
 @dataclass
@@ -160,10 +173,18 @@ class MultimodalDataBuffers:
             self.deepstack[v] = deepstack.to(self.device, self.dtype)
 
     def gather(self, token_blocks, visual_blocks, tokens: int, visual: int) -> tuple[torch.Tensor, ...]:
-        """Copies of (fill_ids [L], mrope_positions [L, 3], embeddings [V, H], deepstack [V, D*H])."""
-        t = self.token_rows(token_blocks, 0, tokens)
-        v = self.visual_rows(visual_blocks, 0, visual)
+        """(fill_ids [L], mrope_positions [L, 3], embeddings [V, H], deepstack [V, D*H]) of one request:
+        views while its blocks are consecutive (the usual case), copies otherwise."""
+        t = _rows_or_slice(token_blocks, self.config.block_tokens, tokens)
+        v = _rows_or_slice(visual_blocks, self.config.block_visual, visual)
         return self.fill_ids[t, 0], self.mrope_positions[t], self.embeddings[v], self.deepstack[v]
+
+
+def _rows_or_slice(blocks: list[int], block_size: int, n: int) -> slice | torch.Tensor:
+    if all(b == a + 1 for a, b in zip(blocks, blocks[1:])):
+        first = blocks[0] * block_size if blocks else 0
+        return slice(first, first + n)
+    return block_rows(blocks, block_size, 0, n)
 
 
 def block_rows(blocks: list[int], block_size: int, start: int = 0, n: int | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .buffers import AUX_WIDTH, MultimodalDataBuffers, block_rows
+from .buffers import AUX_WIDTH, MultimodalDataBuffers
 from .encoder import EncodedPrompt, clip_spans, visual_rows_before
 from .errors import HandleError, HandleExpiredError, PeerError, PoolFullError
 
@@ -47,6 +47,10 @@ class MooncakeTransport:
         for name, t in buffers.regions().items():
             if self.engine.register_memory(t.data_ptr(), t.numel() * t.element_size(), location) != 0:
                 raise RuntimeError(f"Mooncake could not register buffer {name}")
+
+    def unregister(self, buffers: MultimodalDataBuffers) -> None:
+        for t in buffers.regions().values():
+            self.engine.unregister_memory(t.data_ptr())
 
     def read(self, peer: str, local: list[int], remote: list[int], lengths: list[int], what: str) -> None:
         """One batch read; PeerError naming the peer when it fails."""
@@ -176,6 +180,10 @@ class Stager:
         self._lock = threading.Lock()
         transport.register(buffers)
 
+    def close(self) -> None:
+        """Unregister the buffers; outstanding handles then fail to read."""
+        self.transport.unregister(self.buffers)
+
     def stage(self, prompt: EncodedPrompt) -> Handle:
         b = self.buffers
         if prompt.embeddings.shape[1] != b.hidden_size or prompt.deepstack.shape[1] != b.num_deepstack * b.hidden_size:
@@ -245,6 +253,9 @@ class Puller:
         self.stats = PullStats()
         transport.register(buffers)
 
+    def close(self) -> None:
+        self.transport.unregister(self.buffers)
+
     def open(self, data: bytes | str) -> PullSession:
         """Check the handle against this model and the allow-list; the session reads chunks."""
         h = Handle.decode(data)
@@ -273,6 +284,7 @@ class PullSession:
         self.puller, self.handle = puller, handle
         self.buffers = puller.buffers
         self.slot = _wait_allocate(self.buffers, 0, 0, True, puller.alloc_wait_s, "language")[0]
+        self._held = None  # (token blocks, visual blocks) of the chunk last read
         self.closed = False
 
     def __enter__(self):
@@ -286,21 +298,30 @@ class PullSession:
         return -(-self.handle.length // self.puller.chunk_tokens)
 
     def read_chunk(self, k: int) -> EncodedPrompt:
-        """Tokens [k*chunk, (k+1)*chunk) with their own embedding and DeepStack rows."""
+        """Tokens [k*chunk, (k+1)*chunk) with their own embedding and DeepStack rows. The result may
+        view local blocks: it is valid until the next read_chunk or close (memory stays one chunk)."""
         h, step = self.handle, self.puller.chunk_tokens
         start, end = k * step, min((k + 1) * step, h.length)
         v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
+        self._free_chunk()
         b = self.buffers
         _, tok, vis = _wait_allocate(b, end - start, v1 - v0, False, self.puller.alloc_wait_s, "language")
+        self._held = (tok, vis)
         try:
             self._read(start, end, v0, v1, tok, vis)
-            fill, mrope, emb, ds = b.gather(tok, vis, end - start, v1 - v0)
-        finally:
-            b.free(None, tok, vis)
+        except Exception:
+            self._free_chunk()
+            raise
+        fill, mrope, emb, ds = b.gather(tok, vis, end - start, v1 - v0)
         return EncodedPrompt(
             fill_ids=fill, mrope_positions=mrope, embeddings=emb, deepstack=ds, mrope_delta=h.mrope_delta,
             image_spans=clip_spans(h.image_spans, start, end),
         )
+
+    def _free_chunk(self) -> None:
+        if self._held is not None:
+            self.buffers.free(None, *self._held)
+            self._held = None
 
     def chunks(self) -> Iterator[EncodedPrompt]:
         """Chunk k is read only when the consumer asks for it (after prefilling chunk k-1)."""
@@ -308,14 +329,13 @@ class PullSession:
             yield self.read_chunk(k)
 
     def read_all(self) -> EncodedPrompt:
-        parts = list(self.chunks())
+        """The whole prompt as tensors of its own (copied out of the local blocks)."""
+        parts = [(c.fill_ids.clone(), c.mrope_positions.clone(), c.embeddings.clone(), c.deepstack.clone())
+                 for c in self.chunks()]
+        fill, mrope, emb, ds = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
         return EncodedPrompt(
-            fill_ids=torch.cat([p.fill_ids for p in parts]),
-            mrope_positions=torch.cat([p.mrope_positions for p in parts]),
-            embeddings=torch.cat([p.embeddings for p in parts]),
-            deepstack=torch.cat([p.deepstack for p in parts]),
-            mrope_delta=self.handle.mrope_delta,
-            image_spans=[tuple(s) for s in self.handle.image_spans],
+            fill_ids=fill, mrope_positions=mrope, embeddings=emb, deepstack=ds,
+            mrope_delta=self.handle.mrope_delta, image_spans=[tuple(s) for s in self.handle.image_spans],
         )
 
     def _read(self, start, end, v0, v1, tok, vis) -> None:
@@ -379,16 +399,21 @@ class PullSession:
                 except PeerError:
                     pass  # the encoder is gone; its TTL reclaim (or its exit) frees the slot
         finally:
+            self._free_chunk()
             b.aux[self.slot] = 0
             b.slot_pool.free([self.slot])
 
 
 def _runs(remote_blocks, remote_block, first, local_blocks, local_block, n):
     """(remote row, local row, count) runs contiguous on both sides: remote rows first.., local 0.."""
-    if n <= 0:
-        return []
-    r = block_rows(remote_blocks, remote_block, first, n)
-    l = block_rows(local_blocks, local_block, 0, n)
-    breaks = ((r[1:] - r[:-1]) != 1) | ((l[1:] - l[:-1]) != 1)
-    cuts = [0] + (breaks.nonzero().flatten() + 1).tolist() + [n]
-    return [(int(r[a]), int(l[a]), b - a) for a, b in zip(cuts, cuts[1:])]
+    out, r, l = [], first, 0
+    while l < n:
+        rp = remote_blocks[r // remote_block] * remote_block + r % remote_block
+        lp = local_blocks[l // local_block] * local_block + l % local_block
+        count = min(remote_block - r % remote_block, local_block - l % local_block, n - l)
+        if out and out[-1][0] + out[-1][2] == rp and out[-1][1] + out[-1][2] == lp:
+            out[-1][2] += count
+        else:
+            out.append([rp, lp, count])
+        r, l = r + count, l + count
+    return out
