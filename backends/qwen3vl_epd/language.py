@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -151,6 +151,32 @@ class LanguageModel:
         pos = torch.full((3, 1), position, dtype=torch.long)
         return self.forward(self.model.embed_tokens(ids), pos, [Chunk(cache, 1)])
 
+    def stream(
+        self,
+        prompt: EncodedPrompt | Iterable[EncodedPrompt],
+        params: SamplingParams,
+        chunk_size: int | None = None,
+        record: Generation | None = None,
+    ) -> Iterator[int]:
+        """Prefill chunk by chunk (a prompt cut every `chunk_size` tokens, or chunks as they are
+        pulled), then yield sampled tokens until EOS or max_tokens; `record` collects logits."""
+        sampler, cache = Sampler(params), KVCache(len(self.model.layers))
+        chunks = prompt.chunks(chunk_size) if isinstance(prompt, EncodedPrompt) else prompt
+        length = delta = 0
+        for chunk in chunks:
+            logits = self.prefill(chunk, cache, all_logits=record is not None)
+            if record is not None:
+                record.prompt_logits = logits if record.prompt_logits is None else torch.cat([record.prompt_logits, logits])
+            length, delta, logits = length + chunk.length, chunk.mrope_delta, logits[-1]
+        for n in range(1, params.max_tokens + 1):
+            if record is not None:
+                record.step_logits.append(logits)
+            token = sampler(logits)
+            yield token
+            if n == params.max_tokens or (token in self.eos_ids and not params.ignore_eos):
+                return
+            logits = self.decode_step(token, length + n - 1 + delta, cache)[0]
+
     def generate(
         self,
         prompt: EncodedPrompt | Iterable[EncodedPrompt],
@@ -158,29 +184,10 @@ class LanguageModel:
         chunk_size: int | None = None,
         return_logits: bool = False,
     ) -> Generation:
-        """Prefill chunk by chunk (a prompt cut every `chunk_size` tokens, or chunks as they are
-        pulled), then decode; single sequence."""
+        """All tokens of `stream` at once; single sequence."""
         params = params or SamplingParams()
-        sampler, cache = Sampler(params), KVCache(len(self.model.layers))
-        chunks = prompt.chunks(chunk_size) if isinstance(prompt, EncodedPrompt) else prompt
-        parts, length, delta = [], 0, 0
-        for chunk in chunks:
-            parts.append(self.prefill(chunk, cache, all_logits=return_logits))
-            length, delta = length + chunk.length, chunk.mrope_delta
-        prompt_logits = torch.cat(parts) if return_logits else None
-        logits = parts[-1][-1]
-        tokens, result = [], Generation([], "length", prompt_logits)
-        while len(tokens) < params.max_tokens:
-            if return_logits:
-                result.step_logits.append(logits)
-            token = sampler(logits)
-            tokens.append(token)
-            if token in self.eos_ids and not params.ignore_eos:
-                result.finish_reason = "stop"
-                break
-            if len(tokens) == params.max_tokens:
-                break
-            position = length + len(tokens) - 1 + delta
-            logits = self.decode_step(token, position, cache)[0]
-        result.tokens = tokens
+        result = Generation([], "length")
+        result.tokens = list(self.stream(prompt, params, chunk_size, result if return_logits else None))
+        if result.tokens and result.tokens[-1] in self.eos_ids and not params.ignore_eos:
+            result.finish_reason = "stop"
         return result

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InvalidInputError
+
 
 @dataclass
 class SamplingParams:
@@ -18,6 +20,18 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+
+    def validate(self, max_tokens_limit: int) -> SamplingParams:
+        """InvalidInputError naming the field and its limit."""
+        if not 0 < self.max_tokens <= max_tokens_limit:
+            raise InvalidInputError(f"max_tokens: {self.max_tokens} is outside 1..{max_tokens_limit}")
+        if not self.temperature >= 0:
+            raise InvalidInputError(f"temperature: {self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidInputError(f"top_k: {self.top_k} must be >= 0 (0 turns it off)")
+        return self
 
 
 class Sampler:

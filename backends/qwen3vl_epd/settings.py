@@ -1,0 +1,82 @@
+"""Model settings: config.pbtxt `parameters`, with EPD_CHECKPOINT overriding the checkpoint path."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny"
+
+
+@dataclass
+class Settings:
+    """Every setting of the encoder and language models; each side reads what it needs."""
+
+    checkpoint: str = ""  # empty: the embedded tiny checkpoint
+    dtype: str = "auto"  # auto: the checkpoint's dtype
+    device: str = "cpu"
+    # Mooncake
+    mooncake_host: str = "127.0.0.1"
+    mooncake_protocol: str = "tcp"
+    mooncake_device: str = ""
+    mooncake_metadata_server: str = "P2PHANDSHAKE"
+    allowed_encoder_hosts: list[str] = field(default_factory=list)  # empty: this host only
+    # buffers
+    block_tokens: int = 64
+    block_visual: int = 64
+    num_token_blocks: int = 512
+    num_visual_blocks: int = 256
+    num_slots: int = 64
+    handle_ttl_s: float = 120.0
+    alloc_wait_s: float = 5.0
+    chunk_tokens: int = 2048
+    # request limits
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_images: int = 8
+    max_model_len: int = 32768
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+
+    @classmethod
+    def from_parameters(cls, params: dict, env: dict | None = None) -> Settings:
+        """From config.pbtxt parameters ({"key": {"string_value": "..."}} or plain strings)."""
+        env = os.environ if env is None else env
+        values = {}
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, raw in params.items():
+            if key not in types:
+                raise ValueError(f"unknown parameter {key!r}; known: {', '.join(sorted(types))}")
+            text = raw["string_value"] if isinstance(raw, dict) else str(raw)
+            values[key] = _convert(types[key], text, key)
+        if env.get("EPD_CHECKPOINT"):
+            values["checkpoint"] = env["EPD_CHECKPOINT"]
+        return cls(**values)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint or str(DEFAULT_CHECKPOINT)
+
+    def torch_dtype(self, config) -> torch.dtype:
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        dt = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
+        return getattr(torch, dt) if isinstance(dt, str) else dt
+
+
+def _convert(kind: str, text: str, key: str):
+    try:
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        if kind.startswith("list"):
+            return [s.strip() for s in text.split(",") if s.strip()]
+        return text
+    except ValueError:
+        raise ValueError(f"parameter {key!r}: {text!r} is not a valid {kind}") from None

@@ -1,0 +1,30 @@
+"""Plain helpers for the Triton adapters: input arrays → Python values, errors → Triton codes.
+(pb_utils itself is imported only under model_repository/.)"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import EpdError
+
+
+def first(array: np.ndarray | None, kind=None):
+    """The single value of an optional [1] / [1, 1] input, or None when absent."""
+    if array is None or array.size == 0:
+        return None
+    value = array.reshape(-1)[0]
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return kind(value) if kind else value.item()
+
+
+def byte_items(array: np.ndarray | None) -> list[bytes]:
+    """All elements of an optional BYTES input, as raw bytes."""
+    if array is None:
+        return []
+    return [bytes(x) for x in array.reshape(-1)]
+
+
+def error_code(exc: BaseException) -> str:
+    """TritonError code name for an exception: typed errors carry theirs, the rest are INTERNAL."""
+    return exc.code if isinstance(exc, EpdError) else "INTERNAL"

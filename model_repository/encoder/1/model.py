@@ -1,0 +1,65 @@
+"""Triton adapter of the encoder: requests → qwen3vl_epd EncoderService → handles (BYTES)."""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from qwen3vl_epd.serving import EncodeRequest, EncoderService
+from qwen3vl_epd.settings import Settings
+from qwen3vl_epd.triton_io import byte_items, error_code, first
+
+
+def _input(request, name):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        family, counter = pb_utils.MetricFamily, pb_utils.MetricFamily.COUNTER
+        # Families must outlive their metrics, so they are kept on the model.
+        self.families = [
+            family("epd_buffer_blocks_in_use", "Blocks (or slots) in use per buffer pool", family.GAUGE),
+            family("epd_encode_seconds_total", "Seconds spent encoding (decode, vision tower, staging)", counter),
+            family("epd_encode_requests_total", "Requests encoded (including rejected ones)", counter),
+        ]
+        self.in_use = {pool: self.families[0].Metric({"side": "encoder", "pool": pool})
+                       for pool in ("slots", "token_blocks", "visual_blocks")}
+        self.encode_seconds = self.families[1].Metric({})
+        self.encode_requests = self.families[2].Metric({})
+        self.service = EncoderService(Settings.from_parameters(config.get("parameters", {})), on_change=self._gauges)
+
+    def _gauges(self, in_use):
+        for pool, value in in_use.items():
+            self.in_use[pool].set(value)
+
+    def execute(self, requests):
+        parsed, responses = [], [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                text = _input(request, "text_input").reshape(-1)[0].decode("utf-8")
+            except UnicodeDecodeError:
+                responses[i] = self._error("text_input: not valid UTF-8", "INVALID_ARG")
+                continue
+            parsed.append((i, EncodeRequest(text, byte_items(_input(request, "image")),
+                                            bool(first(_input(request, "raw_prompt")) or False))))
+        before = self.service.encode_seconds
+        results = self.service.encode([r for _, r in parsed])
+        self.encode_seconds.increment(self.service.encode_seconds - before)
+        self.encode_requests.increment(len(requests))
+        for (i, _), result in zip(parsed, results):
+            if isinstance(result, Exception):
+                responses[i] = self._error(str(result), error_code(result))
+            else:
+                handle = pb_utils.Tensor("handle", np.array([[result.handle]], dtype=np.object_))
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[handle])
+        return responses
+
+    @staticmethod
+    def _error(message, code):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
+
+    def finalize(self):
+        self.service.close()
