@@ -139,3 +139,13 @@ def test_mrope_positions_follow_the_image_grid(processor):
     after = p.mrope_positions[:, start + n]
     assert after.tolist() == [start + max(h, w) // 2] * 3
     assert p.mrope_delta == int(p.mrope_positions.max()) + 1 - p.fill_ids.numel()
+
+
+def test_data_url_images(processor):
+    import base64
+
+    raw = image_bytes("small_64x64.webp")
+    url = b"data:image/webp;base64," + base64.b64encode(raw)
+    assert torch.equal(processor.process("x", [url]).pixel_values, processor.process("x", [raw]).pixel_values)
+    with pytest.raises(ImageDecodeError, match="image 0: cannot decode image: invalid base64"):
+        processor.process("x", [b"data:image/png;base64,@@@"])

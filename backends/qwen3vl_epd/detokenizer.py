@@ -29,7 +29,9 @@ class Detokenizer:
         return self._take(final=self.stopped)
 
     def flush(self) -> str:
-        """Everything not sent yet, at the end of generation."""
+        """Everything not sent yet, at the end of generation (an unfinished character included)."""
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         return self._take(final=True)
 
     def _take(self, final: bool) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import warnings
@@ -58,7 +60,13 @@ class ProcessedPrompt:
 
 
 def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
-    """Raw JPEG/PNG/WebP bytes → RGB image, enforcing byte and pixel limits before decoding."""
+    """Raw JPEG/PNG/WebP bytes (or a base64 data URL, for JSON clients) → RGB image, enforcing
+    byte and pixel limits before decoding."""
+    if data[:5] == b"data:" and b";base64," in data[:100]:
+        try:
+            data = base64.b64decode(data.split(b";base64,", 1)[1], validate=True)
+        except binascii.Error:
+            raise ImageDecodeError(index, "cannot decode image: invalid base64 in data URL") from None
     if len(data) > limits.max_image_bytes:
         raise ImageTooLargeError(
             index, f"{len(data)} bytes is over the limit of {limits.max_image_bytes} encoded bytes"

@@ -34,6 +34,19 @@ class SamplingParams:
         return self
 
 
+def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=None, temperature=None,
+                    top_p=None, top_k=None, seed=None, stop=None) -> SamplingParams:
+    """Request fields (None: default) → validated SamplingParams."""
+    return SamplingParams(
+        max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
+        temperature=0.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_k=0 if top_k is None else int(top_k),
+        seed=None if seed is None else int(seed),
+        stop=list(stop or []),
+    ).validate(max_tokens_limit)
+
+
 class Sampler:
     """Picks the next token of one sequence; its generator makes seeded runs reproducible."""
 

@@ -14,10 +14,10 @@ from .buffers import BufferConfig, MultimodalDataBuffers
 from .checkpoint import load_config
 from .detokenizer import Detokenizer
 from .encoder import VisionEncoder
-from .errors import EpdError
+from .errors import EpdError, InvalidInputError
 from .language import LanguageModel
 from .processor import Limits, Processor
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_params
 from .settings import Settings
 from .transfer import MooncakeTransport, Puller, Stager
 
@@ -35,9 +35,10 @@ def _transport(s: Settings) -> MooncakeTransport:
 
 @dataclass
 class EncodeRequest:
-    text: str
+    text: str | None  # None: the required field is missing
     images: list[bytes] = field(default_factory=list)
     raw_prompt: bool = False
+    sampling: dict = field(default_factory=dict)  # checked here so a bad request costs no image work
 
 
 @dataclass
@@ -73,8 +74,12 @@ class EncoderService:
         t0 = time.perf_counter()
         results: list[Encoded | EpdError | None] = [None] * len(requests)
         processed = {}
+        s = self.settings
         for i, r in enumerate(requests):
             try:
+                if r.text is None:
+                    raise InvalidInputError("text_input: required input is missing")
+                sampling_params(s.default_max_tokens, s.max_tokens_limit, **r.sampling)
                 processed[i] = self.processor.process(r.text, r.images, r.raw_prompt)
             except EpdError as e:
                 results[i] = e
@@ -121,17 +126,9 @@ class LanguageService:
         self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
         self.lock = threading.Lock()
 
-    def sampling(self, max_tokens=None, temperature=None, top_p=None, top_k=None, seed=None, stop=None) -> SamplingParams:
-        """Request fields (None: default) → validated SamplingParams."""
-        p = SamplingParams(
-            max_tokens=self.settings.default_max_tokens if max_tokens is None else int(max_tokens),
-            temperature=0.0 if temperature is None else float(temperature),
-            top_p=1.0 if top_p is None else float(top_p),
-            top_k=0 if top_k is None else int(top_k),
-            seed=None if seed is None else int(seed),
-            stop=list(stop or []),
-        )
-        return p.validate(self.settings.max_tokens_limit)
+    def sampling(self, **fields) -> SamplingParams:
+        """Request fields (absent: None) → validated SamplingParams."""
+        return sampling_params(self.settings.default_max_tokens, self.settings.max_tokens_limit, **fields)
 
     def release(self, handle: bytes) -> None:
         """Give the encoder its slot back without reading (the request failed before the pull)."""

@@ -8,13 +8,14 @@ import numpy as np
 from .errors import EpdError
 
 
+
 def first(array: np.ndarray | None, kind=None):
     """The single value of an optional [1] / [1, 1] input, or None when absent."""
     if array is None or array.size == 0:
         return None
     value = array.reshape(-1)[0]
     if isinstance(value, bytes):
-        return value.decode("utf-8")
+        return value if kind is bytes else value.decode("utf-8")
     return kind(value) if kind else value.item()
 
 
@@ -28,3 +29,10 @@ def byte_items(array: np.ndarray | None) -> list[bytes]:
 def error_code(exc: BaseException) -> str:
     """TritonError code name for an exception: typed errors carry theirs, the rest are INTERNAL."""
     return exc.code if isinstance(exc, EpdError) else "INTERNAL"
+
+
+def sampling_fields(get) -> dict:
+    """The optional sampling inputs of a request; `get(name)` returns an input array or None."""
+    fields = {name: first(get(name)) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+    fields["stop"] = [s.decode(errors="replace") for s in byte_items(get("stop"))]
+    return fields

@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from qwen3vl_epd.serving import EncodeRequest, EncoderService
 from qwen3vl_epd.settings import Settings
-from qwen3vl_epd.triton_io import byte_items, error_code, first
+from qwen3vl_epd.triton_io import byte_items, error_code, first, sampling_fields
 
 
 def _input(request, name):
@@ -39,12 +39,13 @@ class TritonPythonModel:
         parsed, responses = [], [None] * len(requests)
         for i, request in enumerate(requests):
             try:
-                text = _input(request, "text_input").reshape(-1)[0].decode("utf-8")
+                text = first(_input(request, "text_input"))
             except UnicodeDecodeError:
                 responses[i] = self._error("text_input: not valid UTF-8", "INVALID_ARG")
                 continue
-            parsed.append((i, EncodeRequest(text, byte_items(_input(request, "image")),
-                                            bool(first(_input(request, "raw_prompt")) or False))))
+            get = lambda name, r=request: _input(r, name)  # noqa: E731
+            parsed.append((i, EncodeRequest(text, byte_items(get("image")), bool(first(get("raw_prompt")) or False),
+                                            sampling_fields(get))))
         before = self.service.encode_seconds
         results = self.service.encode([r for _, r in parsed])
         self.encode_seconds.increment(self.service.encode_seconds - before)

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_epd.errors import EpdError
 from qwen3vl_epd.serving import LanguageService
 from qwen3vl_epd.settings import Settings
-from qwen3vl_epd.triton_io import byte_items, error_code, first
+from qwen3vl_epd.triton_io import error_code, first, sampling_fields
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -76,10 +76,7 @@ class TritonPythonModel:
     def _serve(self, request, sender, arrived):
         handle = _input(request, "handle").reshape(-1)[0]
         try:
-            params = self.service.sampling(
-                first(_input(request, "max_tokens")), first(_input(request, "temperature")),
-                first(_input(request, "top_p")), first(_input(request, "top_k")),
-                first(_input(request, "seed")), [s.decode() for s in byte_items(_input(request, "stop"))])
+            params = self.service.sampling(**sampling_fields(lambda name: _input(request, name)))
         except EpdError:
             self.service.release(handle)  # the encoder staged this request: give its blocks back
             raise

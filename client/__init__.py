@@ -1,0 +1,140 @@
+"""Client for the `ensemble` model: gRPC (stream_infer) or HTTP (generate, generate_stream)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import queue
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Response:
+    """One response: new text (the whole text when not streaming); finish_reason on the last."""
+
+    text: str
+    finish_reason: str
+    num_input_tokens: int
+    num_output_tokens: int
+
+
+class RequestError(Exception):
+    """The server refused or failed the request; `code` is the Triton/gRPC/HTTP status."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+def data_url(image: bytes) -> str:
+    """An image as a base64 data URL, for the JSON of HTTP generate."""
+    kind = "png" if image[:4] == b"\x89PNG" else "webp" if image[8:12] == b"WEBP" else "jpeg"
+    return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
+
+
+def generate(url: str, prompt: str, images: list[bytes] = (), protocol: str = "grpc", stream: bool = False,
+             model: str = "ensemble", timeout: float = 300.0, **sampling) -> Iterator[Response]:
+    """Send one request; yields responses as they arrive. `sampling`: max_tokens, temperature,
+    top_p, top_k, seed, stop, raw_prompt."""
+    fields = {k: v for k, v in sampling.items() if v is not None}
+    if protocol == "grpc":
+        yield from _grpc(url, model, prompt, list(images), stream, fields, timeout)
+    elif protocol == "http":
+        yield from _http(url, model, prompt, list(images), stream, fields, timeout)
+    else:
+        raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+
+
+def text_of(responses: Iterator[Response]) -> tuple[str, Response]:
+    """Concatenated text and the last response."""
+    parts, last = [], None
+    for last in responses:
+        parts.append(last.text)
+    return "".join(parts), last
+
+
+_TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
+          "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "raw_prompt": ("BOOL", np.bool_),
+          "stream": ("BOOL", np.bool_)}
+
+
+def _grpc_inputs(prompt, images, stream, fields):
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, dtype, array):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    inputs = [tensor("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_)),
+              tensor("stream", "BOOL", np.array([[stream]], dtype=np.bool_))]
+    if images:
+        inputs.append(tensor("image", "BYTES", np.array([images], dtype=np.object_)))
+    for name, value in fields.items():
+        if name == "stop":
+            inputs.append(tensor("stop", "BYTES", np.array([[s.encode() for s in value]], dtype=np.object_)))
+        else:
+            triton_type, np_type = _TYPES[name]
+            inputs.append(tensor(name, triton_type, np.array([[value]], dtype=np_type)))
+    return inputs
+
+
+def _grpc(url, model, prompt, images, stream, fields, timeout):
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, _grpc_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                raise RequestError(str(error.status()), error.message())
+            if result.as_numpy("text_output") is None:
+                raise RequestError("no response", "the server ended the request without output")
+            r = Response(
+                text=result.as_numpy("text_output").reshape(-1)[0].decode(),
+                finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
+                num_input_tokens=int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
+                num_output_tokens=int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
+            )
+            yield r
+            if r.finish_reason:
+                return
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def _http(url, model, prompt, images, stream, fields, timeout):
+    body = {"text_input": prompt, "stream": stream, **fields}
+    if images:
+        body["image"] = [data_url(i) for i in images]
+    endpoint = "generate_stream" if stream else "generate"
+    base = url if url.startswith("http") else f"http://{url}"
+    request = urllib.request.Request(f"{base}/v2/models/{model}/{endpoint}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            lines = (line.decode() for line in reply) if stream else [reply.read().decode()]
+            for line in lines:
+                line = line.strip()
+                if not line:
+                    continue
+                msg = json.loads(line.removeprefix("data:"))
+                if "error" in msg:
+                    raise RequestError("error", msg["error"])
+                r = Response(msg["text_output"], msg["finish_reason"], msg["num_input_tokens"], msg["num_output_tokens"])
+                yield r
+                if r.finish_reason:
+                    return
+    except urllib.error.HTTPError as e:
+        body = e.read().decode().strip().removeprefix("data:")
+        raise RequestError(str(e.code), json.loads(body).get("error", body)) from None

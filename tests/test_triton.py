@@ -1,0 +1,216 @@
+"""End to end through a real tritonserver: equality with transformers, errors, concurrency, perf_analyzer."""
+
+import json
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import IMAGES, ROOT, image_bytes
+from reference import reference_greedy
+from tritonserver import TritonServer
+
+from client import RequestError, generate, text_of
+
+MAX_TOKENS = 16
+CASES = {
+    "text_only": ("Tell me about the sea.", []),
+    "one_image": ("Describe this image.", ["landscape_640x480.jpg"]),
+    "two_images": ("Compare <image> with <image>.", ["portrait_300x500.png", "small_64x64.webp"]),
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoint):
+    s = TritonServer(tmp_path_factory.mktemp("triton") / "server.log", env={"EPD_CHECKPOINT": checkpoint})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def expected(processor, reference):
+    """Per case: (text, number of tokens) of transformers' greedy generate."""
+    out = {}
+    for case, (text, names) in CASES.items():
+        tokens = reference_greedy(reference, processor.process(text, [image_bytes(n) for n in names]), MAX_TOKENS)
+        out[case] = (processor.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens))
+    return out
+
+
+def url(server, protocol):
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+def pools_in_use(server) -> dict:
+    return server.metric_values("epd_buffer_blocks_in_use")
+
+
+def assert_pools_empty(server, timeout=5.0):
+    """Both sides' pools back to 0 (the encoder reclaims released slots within a few ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = pools_in_use(server)
+        assert len(values) == 6, values
+        if all(v == 0 for v in values.values()):
+            return
+        assert time.monotonic() < deadline, values
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("case", CASES)
+def test_ensemble_equals_transformers(server, expected, case, protocol, stream):
+    text, names = CASES[case]
+    responses = list(generate(url(server, protocol), text, [image_bytes(n) for n in names], protocol, stream,
+                              max_tokens=MAX_TOKENS))
+    want_text, want_n = expected[case]
+    got_text, last = text_of(iter(responses))
+    assert got_text == want_text
+    assert last.num_output_tokens == want_n
+    assert last.finish_reason == ("stop" if want_n < MAX_TOKENS else "length")
+    if stream:
+        assert len(responses) > 1 and all(not r.finish_reason for r in responses[:-1])
+    else:
+        assert len(responses) == 1
+
+
+def test_stop_string_and_sampling_fields(server, expected):
+    want_text, _ = expected["text_only"]
+    stop = want_text[3:6]
+    text, last = text_of(generate(server.grpc_url, CASES["text_only"][0], stream=True, max_tokens=MAX_TOKENS,
+                                  stop=[stop]))
+    assert last.finish_reason == "stop" and text == want_text[: want_text.index(stop)]
+    seeded = dict(max_tokens=8, temperature=0.8, top_p=0.9, top_k=40, seed=7)
+    a = text_of(generate(server.grpc_url, "Hi", **seeded))[0]
+    b = text_of(generate(server.http_url, "Hi", protocol="http", **seeded))[0]
+    assert a == b
+
+
+BAD_FIELDS = [
+    (dict(max_tokens=0), "max_tokens: 0 is outside 1..4096"),
+    (dict(max_tokens=5000), "max_tokens: 5000 is outside 1..4096"),
+    (dict(temperature=-0.5), "temperature: -0.5 must be >= 0"),
+    (dict(top_p=0.0), "top_p: 0.0 must be in (0, 1]"),
+    (dict(top_p=1.5), "top_p: 1.5 must be in (0, 1]"),
+    (dict(top_k=-1), "top_k: -1 must be >= 0"),
+]
+REJECTED_IMAGES = {
+    "extreme_aspect_4000x10.png": "aspect ratio limit (200)",
+    "truncated.jpg": "cannot decode image",
+    "not_an_image.jpg": "cannot decode image",
+    "empty.png": "cannot decode image",
+    "bomb_40000x40000.png": "over the pixel limit of 50000000",
+}
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_bad_inputs_are_invalid_arg_and_lose_nothing(server, protocol):
+    u = url(server, protocol)
+
+    def rejected(prompt, images=(), **fields):
+        with pytest.raises(RequestError) as e:
+            text_of(generate(u, prompt, list(images), protocol, stream=True, **fields))
+        if protocol == "http":  # gRPC stream errors carry only the message
+            assert e.value.code == "400", e.value
+        return e.value.message
+
+    for fields, message in BAD_FIELDS:
+        assert message in rejected("Hello", [image_bytes("small_64x64.webp")], **fields)
+    for name, message in REJECTED_IMAGES.items():
+        got = rejected("Look", [image_bytes("small_64x64.webp"), image_bytes(name)])
+        assert "image 1:" in got and message in got, got
+    assert "10 images is over the limit of 8 per prompt" in rejected("x", [image_bytes("small_64x64.webp")] * 10)
+    assert "2 '<image>' markers but 1 images" in rejected("<image> <image>", [image_bytes("small_64x64.webp")])
+    assert "over the max model length of 32768" in rejected("word " * 33000)
+    assert "over the limit of 20971520 encoded bytes" in rejected("x", [b"\xff" * (20 * 1024 * 1024 + 1)])
+    assert_pools_empty(server)
+    # the server keeps serving
+    assert text_of(generate(u, "Still there?", protocol=protocol, max_tokens=2))[1].num_output_tokens == 2
+
+
+def test_missing_text_input(server):
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"max_tokens": 4}).encode()
+    req = urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/generate", data=body)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400 and "text_input" in e.value.read().decode()
+
+
+def _language_stream(server, handle: bytes) -> str:
+    """Send a handle straight to the language model; the error message, or '' on success."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    results = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    t = grpcclient.InferInput("handle", [1, 1], "BYTES")
+    t.set_data_from_numpy(np.array([[handle]], dtype=np.object_))
+    m = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+    m.set_data_from_numpy(np.array([[2]], dtype=np.int32))
+    client.async_stream_infer("language", [t, m])
+    try:
+        while True:
+            result, error = results.get(timeout=60)
+            if error is not None:
+                return error.message()
+            if result.as_numpy("finish_reason").reshape(-1)[0]:
+                return ""
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def _encoder_handle(server) -> bytes:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    t = httpclient.InferInput("text_input", [1, 1], "BYTES")
+    t.set_data_from_numpy(np.array([[b"Hello"]], dtype=np.object_))
+    return client.infer("encoder", [t]).as_numpy("handle").reshape(-1)[0]
+
+
+def test_forged_and_malformed_handles_sent_to_language(server):
+    assert "malformed handle" in _language_stream(server, b"{not json")
+    real = _encoder_handle(server)
+    forged = json.loads(real)
+    forged["nonce"] += 1
+    assert "nonce mismatch, the handle is forged or reused" in _language_stream(server, json.dumps(forged).encode())
+    elsewhere = {**json.loads(real), "peer": "192.0.2.1:4000"}
+    assert "is not in the allowed encoder hosts" in _language_stream(server, json.dumps(elsewhere).encode())
+    assert _language_stream(server, real) == ""  # the genuine handle still works, and is released
+    assert_pools_empty(server)
+
+
+def test_16_concurrent_requests(server, expected):
+    jobs = [list(CASES)[i % len(CASES)] for i in range(16)]
+
+    def run(i_case):
+        i, case = i_case
+        text, names = CASES[case]
+        protocol = "grpc" if i % 2 else "http"
+        return text_of(generate(url(server, protocol), text, [image_bytes(n) for n in names], protocol,
+                                stream=bool(i % 3), max_tokens=MAX_TOKENS))[0]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, enumerate(jobs)))
+    assert results == [expected[c][0] for c in jobs]
+    assert_pools_empty(server)
+
+
+def test_perf_analyzer_streaming_grpc(server, tmp_path):
+    data = tmp_path / "perf.json"
+    subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "client.perf_data", str(data),
+                    "--image", str(IMAGES / "small_64x64.webp"), "--max-tokens", "4"], cwd=ROOT, check=True)
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "perf"), "-m", "ensemble", "-u", server.grpc_url, "-i", "grpc", "--streaming",
+         "--input-data", str(data), "--request-count", "8", "--concurrency-range", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Successful request count: 8" in result.stdout
