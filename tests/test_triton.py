@@ -51,7 +51,7 @@ def assert_pools_empty(server, timeout=5.0):
     deadline = time.monotonic() + timeout
     while True:
         values = pools_in_use(server)
-        assert len(values) == 6, values
+        assert len(values) == 7, values
         if all(v == 0 for v in values.values()):
             return
         assert time.monotonic() < deadline, values

@@ -1,18 +1,19 @@
 """The two served halves, independent of Triton: EncoderService (prompt + images → handle) and
-LanguageService (handle + sampling → streamed text)."""
+LanguageService (handle + sampling → streamed Pieces)."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer
 
 from .buffers import BufferConfig, MultimodalDataBuffers
 from .checkpoint import load_config
-from .detokenizer import Detokenizer
+from .engine.engine import Engine
+from .engine.sequence import Piece
 from .encoder import VisionEncoder
 from .errors import EpdError, InvalidInputError
 from .language import LanguageModel
@@ -100,31 +101,23 @@ class EncoderService:
         self.stager.close()
 
 
-@dataclass
-class Piece:
-    """One streamed response: new text, and on the last one the finish reason."""
-
-    text: str
-    finish_reason: str | None
-    num_input_tokens: int
-    num_output_tokens: int
-
-
 class LanguageService:
-    """Text model + Puller + detokenizer; one request at a time (the engine issue batches them)."""
+    """Text model + Puller + the continuous-batching Engine."""
 
     def __init__(self, settings: Settings):
         self.settings = s = settings
         self.model = LanguageModel(s.checkpoint_dir, s.torch_dtype(load_config(s.checkpoint_dir)), s.device)
         self.tokenizer = AutoTokenizer.from_pretrained(s.checkpoint_dir, local_files_only=True)
-        rows = s.chunk_tokens  # local memory: one chunk of tokens and of visual rows
+        # Local multimodal memory: the prompt chunks of one step, twice over for fragmentation.
+        rows = max(s.chunk_tokens, s.max_batched_tokens)
         self.buffers = _buffers(s, self.model.hidden_size, self.model.num_deepstack, self.model.dtype,
                                 num_token_blocks=-(-rows // s.block_tokens) * 2,
-                                num_visual_blocks=-(-rows // s.block_visual) * 2)
+                                num_visual_blocks=-(-rows // s.block_visual) * 2,
+                                num_slots=s.max_queued_requests)
         self.puller = Puller(self.buffers, _transport(s), s.chunk_tokens,
                              set(s.allowed_encoder_hosts) or None, s.alloc_wait_s)
-        self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
-        self.lock = threading.Lock()
+        self.engine = Engine(self.model, self.puller, self.tokenizer, s.kv_cache_tokens, s.kv_block_size,
+                             s.max_batched_tokens, s.max_running, s.max_model_len)
 
     def sampling(self, **fields) -> SamplingParams:
         """Request fields (absent: None) → validated SamplingParams."""
@@ -134,40 +127,10 @@ class LanguageService:
         """Give the encoder its slot back without reading (the request failed before the pull)."""
         self.puller.open(handle).close()
 
-    def generate(self, handle: bytes, params: SamplingParams, cancelled: Callable[[], bool] = lambda: False,
-                 arrived: float | None = None) -> Iterator[Piece]:
-        """Pull, prefill, decode; yields text pieces, the last one with its finish reason."""
-        arrived = time.perf_counter() if arrived is None else arrived
-        with self.lock, self.puller.open(handle) as session:
-            n_in = session.handle.length
-            room = self.settings.max_model_len - n_in
-            params.max_tokens = min(params.max_tokens, room) if room > 0 else 0
-            detok, n_out, reason = Detokenizer(self.tokenizer, params.stop), 0, "length"
-            if params.max_tokens == 0:
-                yield Piece("", "length", n_in, 0)
-                return
-            for token in self.model.stream(session.chunks(), params):
-                if n_out == 0:
-                    session.close()  # prefill is done: the encoder can reuse its blocks now
-                    self.ttft_seconds += time.perf_counter() - arrived
-                    self.ttft_count += 1
-                n_out += 1
-                self.output_tokens += 1
-                if token in self.model.eos_ids:
-                    reason = "stop"
-                    break
-                text = detok.add(token)
-                if detok.stopped:
-                    reason = "stop"
-                    if text:
-                        yield Piece(text, None, n_in, n_out)
-                    break
-                if cancelled():
-                    reason = "cancelled"
-                    break
-                if text:
-                    yield Piece(text, None, n_in, n_out)
-            yield Piece(detok.flush() if reason != "cancelled" else "", reason, n_in, n_out)
+    def submit(self, handle: bytes, params: SamplingParams, emit: Callable[[Piece], None],
+               cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
+        self.engine.submit(handle, params, emit, cancelled, arrived)
 
     def close(self) -> None:
+        self.engine.stop()
         self.puller.close()

@@ -34,7 +34,13 @@ class Settings:
     num_slots: int = 64
     handle_ttl_s: float = 120.0
     alloc_wait_s: float = 5.0
-    chunk_tokens: int = 2048
+    chunk_tokens: int = 2048  # prompt tokens pulled and prefilled per chunk
+    # engine
+    kv_cache_tokens: int = 65536  # KV cache budget, in tokens, allocated at start
+    kv_block_size: int = 16
+    max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
+    max_running: int = 256
+    max_queued_requests: int = 1024
     # request limits
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000

@@ -303,14 +303,14 @@ class PullSession:
         h, step = self.handle, self.puller.chunk_tokens
         start, end = k * step, min((k + 1) * step, h.length)
         v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
-        self._free_chunk()
+        self.release_chunk()
         b = self.buffers
         _, tok, vis = _wait_allocate(b, end - start, v1 - v0, False, self.puller.alloc_wait_s, "language")
         self._held = (tok, vis)
         try:
             self._read(start, end, v0, v1, tok, vis)
         except Exception:
-            self._free_chunk()
+            self.release_chunk()
             raise
         fill, mrope, emb, ds = b.gather(tok, vis, end - start, v1 - v0)
         return EncodedPrompt(
@@ -318,7 +318,8 @@ class PullSession:
             image_spans=clip_spans(h.image_spans, start, end),
         )
 
-    def _free_chunk(self) -> None:
+    def release_chunk(self) -> None:
+        """Free the local blocks of the chunk last read (its views become invalid)."""
         if self._held is not None:
             self.buffers.free(None, *self._held)
             self._held = None
@@ -399,7 +400,7 @@ class PullSession:
                 except PeerError:
                     pass  # the encoder is gone; its TTL reclaim (or its exit) frees the slot
         finally:
-            self._free_chunk()
+            self.release_chunk()
             b.aux[self.slot] = 0
             b.slot_pool.free([self.slot])
 

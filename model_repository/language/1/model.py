@@ -1,7 +1,6 @@
-"""Triton adapter of the language model (decoupled): handle + sampling → LanguageService → streamed text."""
+"""Triton adapter of the language model (decoupled): handle + sampling → the engine → streamed text."""
 
 import json
-import queue
 import threading
 import time
 
@@ -25,12 +24,12 @@ def _error(message, code):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, getattr(pb_utils.TritonError, code)))
 
 
-def _response(text, finish_reason, n_in, n_out):
+def _response(text, piece):
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_)),
-        pb_utils.Tensor("finish_reason", np.array([[(finish_reason or "").encode()]], dtype=np.object_)),
-        pb_utils.Tensor("num_input_tokens", np.array([[n_in]], dtype=np.int32)),
-        pb_utils.Tensor("num_output_tokens", np.array([[n_out]], dtype=np.int32)),
+        pb_utils.Tensor("finish_reason", np.array([[(piece.finish_reason or "").encode()]], dtype=np.object_)),
+        pb_utils.Tensor("num_input_tokens", np.array([[piece.num_input_tokens]], dtype=np.int32)),
+        pb_utils.Tensor("num_output_tokens", np.array([[piece.num_output_tokens]], dtype=np.int32)),
     ])
 
 
@@ -38,8 +37,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.service = LanguageService(Settings.from_parameters(config.get("parameters", {})))
-        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
-        family = pb_utils.MetricFamily
+        family, counter, gauge = pb_utils.MetricFamily, pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         # Families must outlive their metrics, so they are kept on the model.
         self.families = {
             "bytes": family("epd_transfer_bytes_total", "Bytes pulled from encoders", counter),
@@ -51,60 +49,60 @@ class TritonPythonModel:
         }
         self.metrics = {k: f.Metric({}) for k, f in self.families.items() if k != "blocks"}
         self.in_use = {p: self.families["blocks"].Metric({"side": "language", "pool": p})
-                       for p in ("slots", "token_blocks", "visual_blocks")}
-        self.requests = queue.Queue()
-        self.worker = threading.Thread(target=self._loop, daemon=True)
-        self.worker.start()
+                       for p in ("slots", "token_blocks", "visual_blocks", "kv_blocks")}
+        self.last, self.metrics_lock = {}, threading.Lock()
 
     def execute(self, requests):
         for request in requests:
-            self.requests.put((request, time.perf_counter()))
+            self._submit(request, time.perf_counter())
         return None
 
-    def _loop(self):
-        while (item := self.requests.get()) is not None:
-            request, arrived = item
-            sender = request.get_response_sender()
-            try:
-                self._serve(request, sender, arrived)
-            except EpdError as e:
-                sender.send(_error(str(e), error_code(e)), flags=FINAL)
-            except Exception as e:  # one request's failure never takes the model down
-                sender.send(_error(f"internal error: {e!r}", "INTERNAL"), flags=FINAL)
-            self._update_metrics()
-
-    def _serve(self, request, sender, arrived):
+    def _submit(self, request, arrived):
+        sender = request.get_response_sender()
         handle = _input(request, "handle").reshape(-1)[0]
         try:
-            params = self.service.sampling(**sampling_fields(lambda name: _input(request, name)))
-        except EpdError:
-            self.service.release(handle)  # the encoder staged this request: give its blocks back
-            raise
-        stream = bool(first(_input(request, "stream")) or False)
+            try:
+                params = self.service.sampling(**sampling_fields(lambda name: _input(request, name)))
+            except EpdError:
+                self.service.release(handle)  # the encoder staged this request: give its blocks back
+                raise
+            stream = bool(first(_input(request, "stream")) or False)
+            self.service.submit(handle, params, self._emitter(sender, stream), request.is_cancelled, arrived)
+        except EpdError as e:
+            sender.send(_error(str(e), error_code(e)), flags=FINAL)
+            self._update_metrics()
+
+    def _emitter(self, sender, stream):
         pieces = []
-        for piece in self.service.generate(handle, params, request.is_cancelled, arrived):
-            if piece.finish_reason == "cancelled":
+
+        def emit(piece):  # called on the engine thread
+            if piece.error is not None:
+                sender.send(_error(str(piece.error), error_code(piece.error)), flags=FINAL)
+            elif piece.finish_reason == "cancelled":
                 sender.send(_error("request cancelled", "CANCELLED"), flags=FINAL)
-                return
-            if stream:
-                sender.send(_response(piece.text, piece.finish_reason, piece.num_input_tokens, piece.num_output_tokens),
-                            flags=FINAL if piece.finish_reason else 0)
+            elif stream:
+                sender.send(_response(piece.text, piece), flags=FINAL if piece.finish_reason else 0)
             else:
                 pieces.append(piece.text)
                 if piece.finish_reason:
-                    sender.send(_response("".join(pieces), piece.finish_reason, piece.num_input_tokens,
-                                          piece.num_output_tokens), flags=FINAL)
+                    sender.send(_response("".join(pieces), piece), flags=FINAL)
+            if piece.finish_reason or piece.error:
+                self._update_metrics()
+
+        return emit
 
     def _update_metrics(self):
-        s, stats = self.service, self.service.puller.stats
-        for key, total in (("bytes", stats.bytes_read), ("seconds", stats.seconds), ("ttft", s.ttft_seconds),
-                           ("first_tokens", s.ttft_count), ("tokens", s.output_tokens)):
-            self.metrics[key].increment(total - getattr(self, "_last_" + key, 0))
-            setattr(self, "_last_" + key, total)
-        for pool, value in s.buffers.in_use().items():
+        with self.metrics_lock:
+            self._set_metrics()
+
+    def _set_metrics(self):
+        engine, stats = self.service.engine, self.service.puller.stats
+        for key, total in (("bytes", stats.bytes_read), ("seconds", stats.seconds), ("ttft", engine.ttft_seconds),
+                           ("first_tokens", engine.ttft_count), ("tokens", engine.output_tokens)):
+            self.metrics[key].increment(total - self.last.get(key, 0))
+            self.last[key] = total
+        for pool, value in engine.in_use().items():
             self.in_use[pool].set(value)
 
     def finalize(self):
-        self.requests.put(None)
-        self.worker.join(timeout=30)
         self.service.close()

@@ -1,0 +1,69 @@
+"""Paged KV cache with a fixed memory budget.
+
+Paged rather than one slot per sequence: prompts here range from a few tokens to thousands of
+visual tokens, and a slot sized for the longest would waste most of the budget on short ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..buffers import BlockAllocator
+
+
+class PagedKVCache:
+    """k/v [layers, blocks, block_size, kv_heads, head_dim], allocated once."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: str | torch.device = "cpu"):
+        shape = (num_layers, num_blocks, block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.allocator = BlockAllocator("kv blocks", num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def in_use(self) -> int:
+        return self.allocator.in_use()
+
+    def sequence(self, tokens: int) -> SequenceKV | None:
+        """Blocks for `tokens` tokens (the sequence's whole reservation), or None when short."""
+        blocks = self.allocator.allocate(self.blocks_for(tokens))
+        return None if blocks is None else SequenceKV(self, blocks)
+
+
+class SequenceKV:
+    """One sequence's view of the cache; `append` has the KVCache interface LanguageModel uses."""
+
+    def __init__(self, cache: PagedKVCache, blocks: list[int]):
+        self.cache, self.blocks = cache, blocks
+        self.length = 0  # tokens written (same for every layer once a forward finishes)
+        self._index = torch.tensor(blocks, dtype=torch.long)
+
+    def _slots(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, start + n)
+        return self._index[pos // self.cache.block_size], pos % self.cache.block_size
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [1, kv_heads, n, hd] after the tokens already cached; all of them back."""
+        n = k.shape[2]
+        start = self.length
+        block, offset = self._slots(start, n)
+        self.cache.k[layer, block, offset] = k[0].transpose(0, 1)
+        self.cache.v[layer, block, offset] = v[0].transpose(0, 1)
+        if layer == self.cache.k.shape[0] - 1:
+            self.length += n
+        block, offset = self._slots(0, start + n)
+        return (self.cache.k[layer, block, offset].transpose(0, 1)[None],
+                self.cache.v[layer, block, offset].transpose(0, 1)[None])
+
+    def free(self) -> None:
+        if self.blocks:
+            self.cache.allocator.free(self.blocks)
+            self.blocks = []

@@ -1,0 +1,44 @@
+"""ModelRunner: one forward over a flat batch of prompt chunks and decode tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from ..encoder import EncodedPrompt
+from ..language import Chunk, LanguageModel
+from .sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model: LanguageModel):
+        self.model = model
+
+    @torch.inference_mode()
+    def run(self, prefills: list[tuple[Sequence, EncodedPrompt]], decodes: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
+        """Logits for each sequence that samples this step: decodes, and prefills on their last chunk."""
+        m = self.model
+        embeds, positions, chunks, visual, deepstack, wanted = [], [], [], [], [], []
+        offset = 0
+        for seq, chunk in prefills:
+            embeds.append(m.embed(chunk.fill_ids, chunk.embeddings))
+            positions.append(chunk.mrope_positions.T.to(torch.long))
+            visual.append(m.visual_mask(chunk.fill_ids.to(m.device)).nonzero().flatten() + offset)
+            deepstack.append(chunk.deepstack)
+            chunks.append(Chunk(seq.kv, chunk.length))
+            offset += chunk.length
+            if seq.next_chunk == seq.num_chunks - 1:
+                wanted.append((seq, offset - 1))
+        if decodes:
+            ids = torch.tensor([s.tokens[-1] for s in decodes], device=m.device)
+            embeds.append(m.model.embed_tokens(ids))
+            pos = torch.tensor([s.prompt_len + len(s.tokens) - 1 + s.mrope_delta for s in decodes])
+            positions.append(pos.expand(3, -1))
+            for s in decodes:
+                chunks.append(Chunk(s.kv, 1))
+                wanted.append((s, offset))
+                offset += 1
+        visual_index = torch.cat(visual) if visual else torch.zeros(0, dtype=torch.long)
+        ds = torch.cat(deepstack) if deepstack and m.num_deepstack else None
+        logits = m.forward(torch.cat(embeds), torch.cat(positions, dim=1), chunks, visual_index, ds,
+                           torch.tensor([i for _, i in wanted], dtype=torch.long))
+        return [(seq, logits[k]) for k, (seq, _) in enumerate(wanted)]
