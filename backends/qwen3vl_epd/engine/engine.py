@@ -31,7 +31,8 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max(max_batched_tokens, 1), max_running)
         self.runner = ModelRunner(model)
         self.max_model_len = max_model_len
-        self.ttft_seconds, self.ttft_count, self.output_tokens, self.steps = 0.0, 0, 0, 0
+        self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
+        self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
         self._stopping = False
@@ -105,6 +106,7 @@ class Engine:
             return
         results = self.runner.run(chunks, decodes)
         self.steps += 1
+        self.mixed_steps += bool(chunks and decodes)
         for seq, _ in chunks:
             seq.session.release_chunk()
             seq.next_chunk += 1

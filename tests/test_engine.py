@@ -1,0 +1,228 @@
+"""The continuous-batching engine, fed by a real encoder process over Mooncake, against transformers."""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import TOL, image_bytes
+from peers import EncoderPeer
+from reference import reference_greedy, reference_logits
+
+from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
+from qwen3vl_epd.engine.engine import Engine
+from qwen3vl_epd.engine.kv_cache import PagedKVCache
+from qwen3vl_epd.engine.model_runner import ModelRunner
+from qwen3vl_epd.language import KVCache
+from qwen3vl_epd.sampling import SamplingParams
+from qwen3vl_epd.transfer import MooncakeTransport, Puller
+
+CHUNK = 64
+PROMPTS = {  # name: (text, images, max_tokens)
+    "text_short": ("Hi!", [], 12),
+    "text_long": ("Write a long story about a dragon who learns to paint with watercolors.", [], 20),
+    "one_image": ("Describe this image.", ["small_64x64.webp"], 16),
+    "two_images": ("Compare <image> and <image>.", ["portrait_300x500.png", "small_64x64.webp"], 10),
+    "image_mid": ("Look at <image> and name one color.", ["cmyk.jpg"], 14),
+    "three_chunks": ("Describe it in detail.", ["landscape_640x480.jpg"], 12),
+}
+
+
+@pytest.fixture(scope="module")
+def peer(checkpoint):
+    p = EncoderPeer(hidden=64, deepstack=3, checkpoint=checkpoint,
+                    buffer_config=dict(num_token_blocks=2048, num_visual_blocks=1024, num_slots=128))
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def puller():
+    cfg = BufferConfig(block_tokens=16, block_visual=16, num_token_blocks=64, num_visual_blocks=64, num_slots=256)
+    p = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), chunk_tokens=CHUNK)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def expected(processor, reference):
+    out = {}
+    for name, (text, images, max_tokens) in PROMPTS.items():
+        prompt = processor.process(text, [image_bytes(i) for i in images])
+        tokens = reference_greedy(reference, prompt, max_tokens)
+        out[name] = (processor.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), prompt.fill_ids.numel())
+    return out
+
+
+class Collector:
+    """Gathers one request's pieces; `done` is set by its last piece."""
+
+    def __init__(self):
+        self.pieces, self.done, self.cancel = [], threading.Event(), False
+
+    def emit(self, piece):
+        self.pieces.append(piece)
+        if piece.finish_reason or piece.error:
+            self.done.set()
+
+    @property
+    def text(self):
+        return "".join(p.text for p in self.pieces)
+
+    @property
+    def last(self):
+        return self.pieces[-1]
+
+
+def make_engine(language, puller, processor, **kw):
+    kw = {"kv_cache_tokens": 16384, "max_batched_tokens": 256, **kw}
+    return Engine(language, puller, processor.tokenizer, **kw)
+
+
+def submit(engine, peer, name, params=None, collector=None):
+    text, images, max_tokens = PROMPTS[name]
+    c = collector or Collector()
+    handle = peer.call("prompt", text, [image_bytes(i) for i in images])
+    engine.submit(handle, params or SamplingParams(max_tokens=max_tokens), c.emit, lambda: c.cancel)
+    return c
+
+
+def wait_all(collectors, timeout=300):
+    for c in collectors:
+        assert c.done.wait(timeout), "request did not finish"
+
+
+def assert_all_free(engine, peer):
+    deadline = time.monotonic() + 5
+    while any(engine.in_use().values()) or any(peer.in_use().values()):
+        peer.call("reclaim", 0)
+        assert time.monotonic() < deadline, (engine.in_use(), peer.in_use())
+        time.sleep(0.02)
+
+
+def test_mixed_batch_equals_transformers(peer, puller, language, processor, expected):
+    engine = make_engine(language, puller, processor)
+    try:
+        names = ["text_short", "text_long", "one_image", "two_images", "image_mid", "three_chunks", "one_image",
+                 "text_short"]
+        collectors = [submit(engine, peer, n) for n in names]
+        wait_all(collectors)
+        for name, c in zip(names, collectors):
+            want_text, want_n, _ = expected[name]
+            assert (c.text, c.last.num_output_tokens) == (want_text, want_n), name
+        assert engine.steps < sum(c.last.num_output_tokens for c in collectors)  # decode steps were shared
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()
+
+
+def test_batched_step_logits_equal_single(processor, encoder, language, reference):
+    """One flat forward of three prompts, then one shared decode step, against each alone."""
+    names = ["text_long", "one_image", "two_images"]
+    prompts = [processor.process(PROMPTS[n][0], [image_bytes(i) for i in PROMPTS[n][1]]) for n in names]
+    encoded = encoder.encode(prompts)
+    kv = PagedKVCache(4, 256, 16, 2, 16, torch.float32)
+    seqs = [SimpleNamespace(kv=kv.sequence(e.length + 4), next_chunk=0, num_chunks=1, tokens=[], prompt_len=e.length,
+                            mrope_delta=e.mrope_delta) for e in encoded]
+    runner = ModelRunner(language)
+    prefill = runner.run(list(zip(seqs, encoded)), [])
+    for (seq, logits), prompt, e in zip(prefill, prompts, encoded):
+        assert (logits - reference_logits(reference, prompt)[-1]).abs().max().item() <= TOL
+        seq.tokens.append(int(logits.argmax()))
+    decoded = runner.run([], seqs)
+    for (seq, logits), e in zip(decoded, encoded):
+        single = KVCache(4)
+        language.prefill(e, single)
+        alone = language.decode_step(seq.tokens[0], e.length + e.mrope_delta, single)[0]
+        assert (logits - alone).abs().max().item() <= TOL
+
+
+def test_long_prompt_chunks_interleave_with_decodes(peer, puller, language, processor, expected):
+    engine = make_engine(language, puller, processor)
+    try:
+        assert expected["three_chunks"][2] > 3 * CHUNK
+        # long-running decodes (past EOS) that the long prompt's chunks must interleave with
+        early = [submit(engine, peer, "text_long", SamplingParams(max_tokens=2000, ignore_eos=True)) for _ in range(3)]
+        while not all(c.pieces for c in early):
+            time.sleep(0.005)
+        mixed_before = engine.mixed_steps
+        long = submit(engine, peer, "three_chunks")
+        wait_all([long])
+        assert all(not c.done.is_set() for c in early)
+        assert engine.mixed_steps - mixed_before >= 4  # each of its prompt chunks ran beside decode tokens
+        assert (long.text, long.last.num_output_tokens) == expected["three_chunks"][:2]
+        for c in early:
+            c.cancel = True
+        wait_all(early)
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()
+
+
+def test_seeded_sampling_alone_and_in_batch(peer, puller, language, processor):
+    engine = make_engine(language, puller, processor)
+    params = lambda seed: SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=seed)  # noqa: E731
+    try:
+        alone = submit(engine, peer, "one_image", params(42))
+        wait_all([alone])
+        batch = [submit(engine, peer, n, params(s)) for n, s in
+                 [("text_long", 1), ("one_image", 42), ("two_images", 2), ("one_image", 43), ("text_short", 3)]]
+        wait_all(batch)
+        assert batch[1].text == alone.text
+        assert batch[3].text != alone.text
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()
+
+
+def test_64_requests_with_kv_for_8(peer, puller, language, processor, expected):
+    names = ["text_short", "one_image", "image_mid", "text_long"]
+    need = max(expected[n][2] + PROMPTS[n][2] for n in names)
+    engine = make_engine(language, puller, processor, kv_cache_tokens=8 * (need + 16))
+    try:
+        jobs = [names[i % len(names)] for i in range(64)]
+        collectors = [submit(engine, peer, n) for n in jobs]
+        peak_running = peak_waiting = 0
+        while not all(c.done.is_set() for c in collectors):
+            peak_running = max(peak_running, len(engine.scheduler.running))
+            peak_waiting = max(peak_waiting, len(engine.scheduler.waiting))
+            time.sleep(0.002)
+        smallest = min(expected[n][2] + PROMPTS[n][2] for n in names)
+        assert peak_running <= engine.kv.num_blocks // engine.kv.blocks_for(smallest)  # admission by KV
+        assert peak_waiting >= 32  # the rest queued instead of running out of memory
+        for name, c in zip(jobs, collectors):
+            assert (c.text, c.last.num_output_tokens) == expected[name][:2]
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()
+
+
+def test_cancel_10_of_20_streams(peer, puller, language, processor, expected):
+    engine = make_engine(language, puller, processor)
+    try:
+        jobs = [("text_long" if i % 2 else "one_image") for i in range(20)]
+        collectors = [submit(engine, peer, n, SamplingParams(max_tokens=PROMPTS[n][2])) for n in jobs]
+        for c in collectors[::2]:
+            while not c.pieces and not c.done.is_set():
+                time.sleep(0.002)
+            c.cancel = True
+        wait_all(collectors)
+        for i, (name, c) in enumerate(zip(jobs, collectors)):
+            if i % 2 == 0:
+                assert c.last.finish_reason in ("cancelled", "length", "stop")
+            else:
+                assert (c.text, c.last.num_output_tokens) == expected[name][:2]
+        assert sum(c.last.finish_reason == "cancelled" for c in collectors[::2]) >= 8
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()
+
+
+def test_stop_cancels_what_is_left(peer, puller, language, processor):
+    engine = make_engine(language, puller, processor)
+    collectors = [submit(engine, peer, "text_long", SamplingParams(max_tokens=4000)) for _ in range(3)]
+    engine.stop(drain_timeout_s=0.2)
+    assert not engine._thread.is_alive()
+    assert all(c.done.is_set() and c.last.finish_reason == "cancelled" for c in collectors)
+    assert_all_free(engine, peer)
