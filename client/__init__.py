@@ -41,7 +41,7 @@ def data_url(image: bytes) -> str:
 def generate(url: str, prompt: str, images: list[bytes] = (), protocol: str = "grpc", stream: bool = False,
              model: str = "ensemble", timeout: float = 300.0, **sampling) -> Iterator[Response]:
     """Send one request; yields responses as they arrive. `sampling`: max_tokens, temperature,
-    top_p, top_k, seed, stop, raw_prompt."""
+    top_p, top_k, seed, stop, raw_prompt, ignore_eos."""
     fields = {k: v for k, v in sampling.items() if v is not None}
     if protocol == "grpc":
         yield from _grpc(url, model, prompt, list(images), stream, fields, timeout)
@@ -61,6 +61,7 @@ def text_of(responses: Iterator[Response]) -> tuple[str, Response]:
 
 _TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
           "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "raw_prompt": ("BOOL", np.bool_),
+          "ignore_eos": ("BOOL", np.bool_),
           "stream": ("BOOL", np.bool_)}
 
 

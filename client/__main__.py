@@ -20,6 +20,7 @@ def main() -> int:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-tokens tokens")
     args = parser.parse_args()
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     images = [Path(p).read_bytes() for p in args.image]
@@ -27,7 +28,7 @@ def main() -> int:
         last = None
         for last in generate(url, args.prompt, images, args.protocol, args.stream, max_tokens=args.max_tokens,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                             stop=args.stop):
+                             stop=args.stop, ignore_eos=args.ignore_eos or None):
             print(last.text, end="", flush=True)
         print(f"\n[finish_reason={last.finish_reason} input_tokens={last.num_input_tokens} "
               f"output_tokens={last.num_output_tokens}]", file=sys.stderr)

@@ -214,3 +214,63 @@ def test_perf_analyzer_streaming_grpc(server, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Successful request count: 8" in result.stdout
+
+
+def _language_request(server, handle: bytes, **fields):
+    """A long stream sent straight to the decoupled language model (ensembles, in tritonserver 2.51,
+    pass a cancellation on only between steps, so a running last step never sees it)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, (dtype, value) in {"handle": ("BYTES", np.array([[handle]], dtype=np.object_)),
+                                 "stream": ("BOOL", np.array([[True]])),
+                                 "max_tokens": ("INT32", np.array([[4000]], dtype=np.int32)),
+                                 "ignore_eos": ("BOOL", np.array([[True]]))}.items():
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    return inputs
+
+
+def _cancel_stream(server):
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    results = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("language", _language_request(server, _encoder_handle(server)))
+    for _ in range(2):
+        result, error = results.get(timeout=60)
+        assert error is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+
+def _kill_client(server):
+    """A client process streaming from the language model is killed: its connection just drops."""
+    script = (
+        "import sys, time, queue, numpy as np, tritonclient.grpc as g\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from test_triton import _language_request\n"
+        "q = queue.Queue(); c = g.InferenceServerClient(sys.argv[1])\n"
+        "c.start_stream(callback=lambda result, error: q.put(error))\n"
+        "c.async_stream_infer('language', _language_request(None, sys.argv[2].encode()))\n"
+        "q.get(); print('streaming', flush=True); time.sleep(600)\n")
+    cli = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", script, server.grpc_url,
+                            _encoder_handle(server).decode()], cwd=ROOT, stdout=subprocess.PIPE)
+    assert cli.stdout.readline().strip() == b"streaming"
+    cli.kill()
+    cli.wait()
+
+
+@pytest.mark.parametrize("how", [_cancel_stream, _kill_client], ids=["cancel", "disconnect"])
+def test_grpc_cancel_and_disconnect_free_everything(server, how):
+    tokens = lambda: server.metric_values("epd_output_tokens_total")[""]  # noqa: E731
+    how(server)
+    assert_pools_empty(server, timeout=5.0)  # 4000 tokens would take far longer than this
+    stopped_at = tokens()
+    time.sleep(0.5)
+    assert tokens() == stopped_at
+    assert text_of(generate(server.grpc_url, "Hello", max_tokens=3))[1].num_output_tokens == 3

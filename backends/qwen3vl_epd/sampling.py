@@ -19,7 +19,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
 
     def validate(self, max_tokens_limit: int) -> SamplingParams:
         """InvalidInputError naming the field and its limit."""
@@ -35,7 +35,7 @@ class SamplingParams:
 
 
 def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=None, temperature=None,
-                    top_p=None, top_k=None, seed=None, stop=None) -> SamplingParams:
+                    top_p=None, top_k=None, seed=None, stop=None, ignore_eos=None) -> SamplingParams:
     """Request fields (None: default) → validated SamplingParams."""
     return SamplingParams(
         max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
@@ -44,6 +44,7 @@ def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=N
         top_k=0 if top_k is None else int(top_k),
         seed=None if seed is None else int(seed),
         stop=list(stop or []),
+        ignore_eos=bool(ignore_eos),
     ).validate(max_tokens_limit)
 
 

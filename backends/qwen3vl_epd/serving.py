@@ -104,7 +104,7 @@ class EncoderService:
 class LanguageService:
     """Text model + Puller + the continuous-batching Engine."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, on_step: Callable[[], None] = lambda: None):
         self.settings = s = settings
         self.model = LanguageModel(s.checkpoint_dir, s.torch_dtype(load_config(s.checkpoint_dir)), s.device)
         self.tokenizer = AutoTokenizer.from_pretrained(s.checkpoint_dir, local_files_only=True)
@@ -117,7 +117,7 @@ class LanguageService:
         self.puller = Puller(self.buffers, _transport(s), s.chunk_tokens,
                              set(s.allowed_encoder_hosts) or None, s.alloc_wait_s)
         self.engine = Engine(self.model, self.puller, self.tokenizer, s.kv_cache_tokens, s.kv_block_size,
-                             s.max_batched_tokens, s.max_running, s.max_model_len)
+                             s.max_batched_tokens, s.max_running, s.max_model_len, on_step)
 
     def sampling(self, **fields) -> SamplingParams:
         """Request fields (absent: None) → validated SamplingParams."""

@@ -33,6 +33,6 @@ def error_code(exc: BaseException) -> str:
 
 def sampling_fields(get) -> dict:
     """The optional sampling inputs of a request; `get(name)` returns an input array or None."""
-    fields = {name: first(get(name)) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")}
+    fields = {name: first(get(name)) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")}
     fields["stop"] = [s.decode(errors="replace") for s in byte_items(get("stop"))]
     return fields

@@ -22,7 +22,7 @@ class Engine:
 
     def __init__(self, model: LanguageModel, puller: Puller, tokenizer, kv_cache_tokens: int = 65536,
                  kv_block_size: int = 16, max_batched_tokens: int = 2048, max_running: int = 256,
-                 max_model_len: int = 32768):
+                 max_model_len: int = 32768, on_step: Callable[[], None] = lambda: None):
         tc = model.config.text_config
         blocks = -(-kv_cache_tokens // kv_block_size)
         self.kv = PagedKVCache(tc.num_hidden_layers, blocks, kv_block_size, tc.num_key_value_heads, tc.head_dim,
@@ -31,6 +31,7 @@ class Engine:
         self.scheduler = Scheduler(self.kv, max(max_batched_tokens, 1), max_running)
         self.runner = ModelRunner(model)
         self.max_model_len = max_model_len
+        self.on_step = on_step  # after every step, on the engine thread (metrics)
         self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
         self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
         self._inbox: list[Sequence] = []
@@ -86,6 +87,7 @@ class Engine:
             except Exception as e:  # a bug must not leave requests hanging: fail everything in flight
                 for seq in self.scheduler.all():
                     self._finish(seq, None, EpdError(f"internal error in the engine: {e!r}"))
+            self.on_step()
 
     def step(self) -> None:
         """One scheduling step: cancellations, then one forward of prompt chunks and decode tokens."""
@@ -132,7 +134,7 @@ class Engine:
         if len(seq.tokens) >= seq.params.max_tokens:
             return self._finish(seq, "length", text=text)
         if text:
-            seq.emit(Piece(text, None, seq.prompt_len, len(seq.tokens)))
+            self._emit(seq, Piece(text, None, seq.prompt_len, len(seq.tokens)))
 
     def _finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None, text: str = "") -> None:
         """Free everything the sequence holds, then send its last piece."""
@@ -140,7 +142,15 @@ class Engine:
         seq.session.close()
         if error is None and reason != "cancelled":
             text += seq.detokenizer.flush()
-        seq.emit(Piece(text, reason, seq.prompt_len, len(seq.tokens), error))
+        self._emit(seq, Piece(text, reason, seq.prompt_len, len(seq.tokens), error))
+
+    @staticmethod
+    def _emit(seq: Sequence, piece: Piece) -> None:
+        """A failing emit (the client is gone) stops that sequence, never the engine."""
+        try:
+            seq.emit(piece)
+        except Exception:
+            seq.cancelled = lambda: True
 
     def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Finish what is in flight (up to the timeout), cancel the rest, join the thread."""

@@ -36,7 +36,6 @@ def _response(text, piece):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        self.service = LanguageService(Settings.from_parameters(config.get("parameters", {})))
         family, counter, gauge = pb_utils.MetricFamily, pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
         # Families must outlive their metrics, so they are kept on the model.
         self.families = {
@@ -50,7 +49,8 @@ class TritonPythonModel:
         self.metrics = {k: f.Metric({}) for k, f in self.families.items() if k != "blocks"}
         self.in_use = {p: self.families["blocks"].Metric({"side": "language", "pool": p})
                        for p in ("slots", "token_blocks", "visual_blocks", "kv_blocks")}
-        self.last, self.metrics_lock = {}, threading.Lock()
+        self.last, self.metrics_lock, self.metrics_at = {}, threading.Lock(), 0.0
+        self.service = LanguageService(Settings.from_parameters(config.get("parameters", {})), self._on_step)
 
     def execute(self, requests):
         for request in requests:
@@ -91,8 +91,13 @@ class TritonPythonModel:
 
         return emit
 
+    def _on_step(self):
+        if time.monotonic() - self.metrics_at > 0.1:  # live gauges without an IPC call every step
+            self._update_metrics()
+
     def _update_metrics(self):
         with self.metrics_lock:
+            self.metrics_at = time.monotonic()
             self._set_metrics()
 
     def _set_metrics(self):
