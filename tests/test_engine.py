@@ -80,11 +80,15 @@ def make_engine(language, puller, processor, **kw):
     return Engine(language, puller, processor.tokenizer, **kw)
 
 
-def submit(engine, peer, name, params=None, collector=None):
-    text, images, max_tokens = PROMPTS[name]
-    c = collector or Collector()
-    handle = peer.call("prompt", text, [image_bytes(i) for i in images])
-    engine.submit(handle, params or SamplingParams(max_tokens=max_tokens), c.emit, lambda: c.cancel)
+def stage(peer, name) -> bytes:
+    text, images, _ = PROMPTS[name]
+    return peer.call("prompt", text, [image_bytes(i) for i in images])
+
+
+def submit(engine, peer, name, params=None, handle=None):
+    c = Collector()
+    engine.submit(handle or stage(peer, name), params or SamplingParams(max_tokens=PROMPTS[name][2]), c.emit,
+                  lambda: c.cancel)
     return c
 
 
@@ -126,12 +130,13 @@ def test_batched_step_logits_equal_single(processor, encoder, language, referenc
     seqs = [SimpleNamespace(kv=kv.sequence(e.length + 4), next_chunk=0, num_chunks=1, tokens=[], prompt_len=e.length,
                             mrope_delta=e.mrope_delta) for e in encoded]
     runner = ModelRunner(language)
-    prefill = runner.run(list(zip(seqs, encoded)), [])
-    for (seq, logits), prompt, e in zip(prefill, prompts, encoded):
+    order, prefill = runner.run(list(zip(seqs, encoded)), [])
+    assert order == seqs
+    for seq, logits, prompt in zip(seqs, prefill, prompts):
         assert (logits - reference_logits(reference, prompt)[-1]).abs().max().item() <= TOL
         seq.tokens.append(int(logits.argmax()))
-    decoded = runner.run([], seqs)
-    for (seq, logits), e in zip(decoded, encoded):
+    order, decoded = runner.run([], seqs)
+    for seq, logits, e in zip(order, decoded, encoded):
         single = KVCache(4)
         language.prefill(e, single)
         alone = language.decode_step(seq.tokens[0], e.length + e.mrope_delta, single)[0]
@@ -182,7 +187,8 @@ def test_64_requests_with_kv_for_8(peer, puller, language, processor, expected):
     engine = make_engine(language, puller, processor, kv_cache_tokens=8 * (need + 16))
     try:
         jobs = [names[i % len(names)] for i in range(64)]
-        collectors = [submit(engine, peer, n) for n in jobs]
+        handles = [stage(peer, n) for n in jobs]  # all staged first, then submitted at once
+        collectors = [submit(engine, peer, n, handle=h) for n, h in zip(jobs, handles)]
         peak_running = peak_waiting = 0
         while not all(c.done.is_set() for c in collectors):
             peak_running = max(peak_running, len(engine.scheduler.running))

@@ -32,10 +32,24 @@ class KVCache:
         self.k[layer], self.v[layer] = k, v
         return k, v
 
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        return causal_attention(q, *self.append(layer, k, v), scale)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One sequence: q [1, heads, n, hd] are the last n of the T cached keys/values [1, kv, T, hd];
+    returns [n, heads * hd]."""
+    n, total = q.shape[2], k.shape[2]
+    # query i (absolute total - n + i) sees keys 0..total - n + i
+    mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n) if n > 1 else None
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1).reshape(n, -1)
+
 
 @dataclass
 class Chunk:
-    """One sequence's run of consecutive tokens inside a flat forward batch."""
+    """A run of tokens inside a flat forward batch; `cache.attend` stores their keys and values
+    and computes their attention (one sequence's chunk, or one token each of many sequences)."""
 
     cache: KVCache
     num_tokens: int
@@ -118,16 +132,8 @@ class LanguageModel:
         out, start = [], 0
         for c in chunks:
             end = start + c.num_tokens
-            kc, vc = c.cache.append(layer_idx, k[:, :, start:end], v[:, :, start:end])
-            past = kc.shape[2] - c.num_tokens
-            mask = None
-            if c.num_tokens > 1:
-                # query i (absolute past + i) sees keys 0..past + i
-                mask = torch.ones(c.num_tokens, kc.shape[2], dtype=torch.bool, device=h.device).tril(past)
-            o = F.scaled_dot_product_attention(
-                q[:, :, start:end], kc, vc, attn_mask=mask, scale=attn.scaling, enable_gqa=True
-            )
-            out.append(o[0].transpose(0, 1).reshape(c.num_tokens, -1))
+            part = slice(start, end)
+            out.append(c.cache.attend(layer_idx, q[:, :, part], k[:, :, part], v[:, :, part], attn.scaling))
             start = end
         return attn.o_proj(torch.cat(out))
 

@@ -106,7 +106,7 @@ class Engine:
                 self._finish(seq, None, e)
         if not chunks and not decodes:
             return
-        results = self.runner.run(chunks, decodes)
+        sampling, logits = self.runner.run(chunks, decodes)
         self.steps += 1
         self.mixed_steps += bool(chunks and decodes)
         for seq, _ in chunks:
@@ -115,11 +115,12 @@ class Engine:
             if seq.next_chunk == seq.num_chunks:
                 seq.session.close()  # prompt done: the encoder may reuse its blocks now
                 seq.status = Status.DECODE
-        for seq, logits in results:
-            self._sample(seq, logits)
+        # Greedy rows in one argmax; sampled rows each with their own seeded generator.
+        greedy = logits.argmax(-1).tolist()
+        for i, seq in enumerate(sampling):
+            self._append(seq, greedy[i] if seq.params.temperature <= 0 else seq.sampler(logits[i]))
 
-    def _sample(self, seq: Sequence, logits) -> None:
-        token = seq.sampler(logits)
+    def _append(self, seq: Sequence, token: int) -> None:
         if not seq.tokens:
             seq.first_token_at = time.perf_counter()
             self.ttft_seconds += seq.first_token_at - seq.arrived

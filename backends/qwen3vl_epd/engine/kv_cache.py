@@ -7,8 +7,10 @@ visual tokens, and a slot sized for the longest would waste most of the budget o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..buffers import BlockAllocator
+from ..language import causal_attention
 
 
 class PagedKVCache:
@@ -63,7 +65,43 @@ class SequenceKV:
         return (self.cache.k[layer, block, offset].transpose(0, 1)[None],
                 self.cache.v[layer, block, offset].transpose(0, 1)[None])
 
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        return causal_attention(q, *self.append(layer, k, v), scale)
+
     def free(self) -> None:
         if self.blocks:
             self.cache.allocator.free(self.blocks)
             self.blocks = []
+
+
+class DecodeBatch:
+    """One new token for each of many sequences: their keys and values are written in one scatter
+    and attended in one padded SDPA, instead of one small attention per sequence."""
+
+    def __init__(self, seqs: list[SequenceKV]):
+        cache = seqs[0].cache
+        self.cache, self.seqs = cache, seqs
+        lengths = torch.tensor([s.length for s in seqs])
+        width = int(lengths.max()) + 1
+        pos = torch.arange(width).expand(len(seqs), -1)
+        self.valid = pos <= lengths[:, None]  # [B, T]: cached tokens and the new one
+        pos = torch.where(self.valid, pos, 0)
+        table = torch.nn.utils.rnn.pad_sequence([s._index for s in seqs], batch_first=True)
+        self.blocks = torch.gather(table, 1, pos // cache.block_size)
+        self.offsets = pos % cache.block_size
+        rows = torch.arange(len(seqs))
+        self.new_block, self.new_offset = self.blocks[rows, lengths], self.offsets[rows, lengths]
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        """q [1, heads, B, hd], k/v [1, kv, B, hd] → [B, heads * hd]."""
+        c = self.cache
+        c.k[layer, self.new_block, self.new_offset] = k[0].transpose(0, 1)
+        c.v[layer, self.new_block, self.new_offset] = v[0].transpose(0, 1)
+        if layer == c.k.shape[0] - 1:
+            for s in self.seqs:
+                s.length += 1
+        keys = c.k[layer, self.blocks, self.offsets].transpose(1, 2)  # [B, kv, T, hd]
+        values = c.v[layer, self.blocks, self.offsets].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[0].transpose(0, 1)[:, :, None], keys, values,
+                                           attn_mask=self.valid[:, None, None, :], scale=scale, enable_gqa=True)
+        return o[:, :, 0].reshape(len(self.seqs), -1)

@@ -6,6 +6,7 @@ import torch
 
 from ..encoder import EncodedPrompt
 from ..language import Chunk, LanguageModel
+from .kv_cache import DecodeBatch
 from .sequence import Sequence
 
 
@@ -14,8 +15,9 @@ class ModelRunner:
         self.model = model
 
     @torch.inference_mode()
-    def run(self, prefills: list[tuple[Sequence, EncodedPrompt]], decodes: list[Sequence]) -> list[tuple[Sequence, torch.Tensor]]:
-        """Logits for each sequence that samples this step: decodes, and prefills on their last chunk."""
+    def run(self, prefills: list[tuple[Sequence, EncodedPrompt]], decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """The sequences that sample this step (decodes, and prefills on their last chunk) and
+        their logits [n, vocab]."""
         m = self.model
         embeds, positions, chunks, visual, deepstack, wanted = [], [], [], [], [], []
         offset = 0
@@ -33,12 +35,12 @@ class ModelRunner:
             embeds.append(m.model.embed_tokens(ids))
             pos = torch.tensor([s.prompt_len + len(s.tokens) - 1 + s.mrope_delta for s in decodes])
             positions.append(pos.expand(3, -1))
+            chunks.append(Chunk(DecodeBatch([s.kv for s in decodes]), len(decodes)))
             for s in decodes:
-                chunks.append(Chunk(s.kv, 1))
                 wanted.append((s, offset))
                 offset += 1
         visual_index = torch.cat(visual) if visual else torch.zeros(0, dtype=torch.long)
         ds = torch.cat(deepstack) if deepstack and m.num_deepstack else None
         logits = m.forward(torch.cat(embeds), torch.cat(positions, dim=1), chunks, visual_index, ds,
                            torch.tensor([i for _, i in wanted], dtype=torch.long))
-        return [(seq, logits[k]) for k, (seq, _) in enumerate(wanted)]
+        return [seq for seq, _ in wanted], logits
