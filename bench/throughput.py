@@ -6,6 +6,7 @@ Run: .venv/bin/python bench/throughput.py [--requests 16] [--max-tokens 64]
 """
 
 import argparse
+import re
 import statistics
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from qwen3vl_epd.checkpoint import build_tiny  # noqa: E402
 from qwen3vl_epd.encoder import VisionEncoder  # noqa: E402
 from qwen3vl_epd.language import KVCache, LanguageModel  # noqa: E402
 from qwen3vl_epd.processor import Processor  # noqa: E402
-from qwen3vl_epd.settings import DEFAULT_CHECKPOINT  # noqa: E402
+from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, Settings  # noqa: E402
 from qwen3vl_epd.transfer import MooncakeTransport, Puller, Stager  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"
@@ -56,8 +57,10 @@ def transformers_one_by_one(checkpoint: str, reqs, max_tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def stage_times(checkpoint: str, reqs) -> tuple[float, float, float]:
-    """Mean seconds of encode (decode + vision tower), pull (stage + Mooncake read), first prefill."""
+def stage_times(checkpoint: str, reqs, threads: int) -> tuple[float, float, float]:
+    """Mean seconds of encode (decode + vision tower), pull (stage + Mooncake read), first prefill,
+    with the served models' torch thread count."""
+    torch.set_num_threads(threads)
     processor, encoder, lm = Processor(checkpoint), VisionEncoder(checkpoint), LanguageModel(checkpoint)
     enc_buf = MultimodalDataBuffers(encoder.hidden_size, encoder.num_deepstack, encoder.dtype)
     lang_buf = MultimodalDataBuffers(lm.hidden_size, lm.num_deepstack, lm.dtype)
@@ -79,6 +82,12 @@ def stage_times(checkpoint: str, reqs) -> tuple[float, float, float]:
     return statistics.mean(enc), statistics.mean(pull), statistics.mean(prefill)
 
 
+def served_parameters(model: str) -> dict:
+    """The `parameters` of a model's config.pbtxt, as the server reads them."""
+    text = (ROOT / "model_repository" / model / "config.pbtxt").read_text()
+    return dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=16)
@@ -96,7 +105,8 @@ def main() -> None:
         finally:
             server.stop()
     baseline = transformers_one_by_one(checkpoint, reqs, args.max_tokens)
-    enc, pull, prefill = stage_times(checkpoint, reqs)
+    threads = Settings.from_parameters(served_parameters("language")).torch_threads or torch.get_num_threads()
+    enc, pull, prefill = stage_times(checkpoint, reqs, threads)
     print(f"tiny checkpoint, {args.requests} requests (mixed text / 1 / 2 images), {args.max_tokens} output tokens each")
     print("| concurrency | output tok/s | mean TTFT ms | mean ITL ms | vs concurrency 1 | vs transformers |")
     print("|---|---|---|---|---|---|")
@@ -106,7 +116,7 @@ def main() -> None:
     print(f"| transformers generate, one by one | {baseline:.1f} | | | | 1.00x |")
     in_process = enc + pull + prefill
     ttft = runs[1]["mean_ttft_s"]
-    print(f"\nTTFT at concurrency 1: ensemble {ttft * 1e3:.1f} ms; in-process encode {enc * 1e3:.1f} + pull "
+    print(f"\nTTFT at concurrency 1 ({threads} torch thread(s) per model, as served): ensemble {ttft * 1e3:.1f} ms; in-process encode {enc * 1e3:.1f} + pull "
           f"{pull * 1e3:.1f} + first prefill {prefill * 1e3:.1f} = {in_process * 1e3:.1f} ms; "
           f"ratio {ttft / in_process:.2f}")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import queue
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -86,11 +87,22 @@ def _grpc_inputs(prompt, images, stream, fields):
     return inputs
 
 
-def _grpc(url, model, prompt, images, stream, fields, timeout):
+_local = threading.local()
+
+
+def _grpc_client(url: str):
+    """One gRPC channel per thread and server, reused across requests (no handshake per request)."""
     import tritonclient.grpc as grpcclient
 
+    clients = _local.__dict__.setdefault("clients", {})
+    if url not in clients:
+        clients[url] = grpcclient.InferenceServerClient(url)
+    return clients[url]
+
+
+def _grpc(url, model, prompt, images, stream, fields, timeout):
     results: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
+    client = _grpc_client(url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         client.async_stream_infer(model, _grpc_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
@@ -111,7 +123,6 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
                 return
     finally:
         client.stop_stream(cancel_requests=True)
-        client.close()
 
 
 def _http(url, model, prompt, images, stream, fields, timeout):

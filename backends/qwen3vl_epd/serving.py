@@ -54,6 +54,7 @@ class EncoderService:
     def __init__(self, settings: Settings, reclaim_interval_s: float = 0.02,
                  on_change: Callable[[dict], None] = lambda in_use: None):
         self.settings = s = settings
+        s.apply_threads()
         self.on_change = on_change  # gets buffers.in_use() whenever it may have changed
         limits = Limits(s.max_image_bytes, s.max_image_pixels, s.max_images, s.max_model_len)
         self.processor = Processor(s.checkpoint_dir, limits)
@@ -106,6 +107,7 @@ class LanguageService:
 
     def __init__(self, settings: Settings, on_step: Callable[[], None] = lambda: None):
         self.settings = s = settings
+        s.apply_threads()
         self.model = LanguageModel(s.checkpoint_dir, s.torch_dtype(load_config(s.checkpoint_dir)), s.device)
         self.tokenizer = AutoTokenizer.from_pretrained(s.checkpoint_dir, local_files_only=True)
         # Local multimodal memory: the prompt chunks of one step, twice over for fragmentation.

@@ -20,6 +20,7 @@ class Settings:
     checkpoint: str = ""  # empty: the embedded tiny checkpoint
     dtype: str = "auto"  # auto: the checkpoint's dtype
     device: str = "cpu"
+    torch_threads: int = 0  # intra-op threads of this process; 0: torch's default
     # Mooncake
     mooncake_host: str = "127.0.0.1"
     mooncake_protocol: str = "tcp"
@@ -63,6 +64,10 @@ class Settings:
         if env.get("EPD_CHECKPOINT"):
             values["checkpoint"] = env["EPD_CHECKPOINT"]
         return cls(**values)
+
+    def apply_threads(self) -> None:
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
 
     @property
     def checkpoint_dir(self) -> str:

@@ -22,7 +22,8 @@ class Engine:
 
     def __init__(self, model: LanguageModel, puller: Puller, tokenizer, kv_cache_tokens: int = 65536,
                  kv_block_size: int = 16, max_batched_tokens: int = 2048, max_running: int = 256,
-                 max_model_len: int = 32768, on_step: Callable[[], None] = lambda: None):
+                 max_model_len: int = 32768, on_step: Callable[[], None] = lambda: None,
+                 cancel_check_s: float = 0.02):
         tc = model.config.text_config
         blocks = -(-kv_cache_tokens // kv_block_size)
         self.kv = PagedKVCache(tc.num_hidden_layers, blocks, kv_block_size, tc.num_key_value_heads, tc.head_dim,
@@ -32,6 +33,7 @@ class Engine:
         self.runner = ModelRunner(model)
         self.max_model_len = max_model_len
         self.on_step = on_step  # after every step, on the engine thread (metrics)
+        self.cancel_check_s, self._cancel_checked = cancel_check_s, 0.0
         self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
         self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
         self._inbox: list[Sequence] = []
@@ -91,9 +93,13 @@ class Engine:
 
     def step(self) -> None:
         """One scheduling step: cancellations, then one forward of prompt chunks and decode tokens."""
-        for seq in self.scheduler.all():
-            if seq.cancelled():
-                self._finish(seq, "cancelled")
+        now = time.monotonic()
+        if now - self._cancel_checked >= self.cancel_check_s:
+            # is_cancelled() is a round trip to the server process: not for every sequence every step.
+            self._cancel_checked = now
+            for seq in self.scheduler.all():
+                if seq.cancelled():
+                    self._finish(seq, "cancelled")
         prefills, decodes = self.scheduler.schedule()
         if not prefills and not decodes:
             time.sleep(0.001)  # everything waits for KV held by sequences being cancelled

@@ -1,6 +1,7 @@
 """Triton adapter of the language model (decoupled): handle + sampling → the engine → streamed text."""
 
 import json
+import queue
 import threading
 import time
 
@@ -50,6 +51,11 @@ class TritonPythonModel:
         self.in_use = {p: self.families["blocks"].Metric({"side": "language", "pool": p})
                        for p in ("slots", "token_blocks", "visual_blocks", "kv_blocks")}
         self.last, self.metrics_lock, self.metrics_at = {}, threading.Lock(), 0.0
+        # Responses go out on their own thread: a send is a blocking round trip to the server
+        # process, and the engine's next forward should not wait for it.
+        self.outbox = queue.SimpleQueue()
+        self.sender_thread = threading.Thread(target=self._send_loop, daemon=True)
+        self.sender_thread.start()
         self.service = LanguageService(Settings.from_parameters(config.get("parameters", {})), self._on_step)
 
     def execute(self, requests):
@@ -72,22 +78,33 @@ class TritonPythonModel:
             sender.send(_error(str(e), error_code(e)), flags=FINAL)
             self._update_metrics()
 
+    def _send_loop(self):
+        while (item := self.outbox.get()) is not None:
+            sender, response, flags, last = item
+            try:
+                sender.send(response, flags=flags)
+            except Exception:  # the client is gone; the engine finds out through is_cancelled
+                pass
+            if last:
+                self._update_metrics()
+
     def _emitter(self, sender, stream):
         pieces = []
 
+        def send(response, flags=0):
+            self.outbox.put((sender, response, flags, flags == FINAL))
+
         def emit(piece):  # called on the engine thread
             if piece.error is not None:
-                sender.send(_error(str(piece.error), error_code(piece.error)), flags=FINAL)
+                send(_error(str(piece.error), error_code(piece.error)), FINAL)
             elif piece.finish_reason == "cancelled":
-                sender.send(_error("request cancelled", "CANCELLED"), flags=FINAL)
+                send(_error("request cancelled", "CANCELLED"), FINAL)
             elif stream:
-                sender.send(_response(piece.text, piece), flags=FINAL if piece.finish_reason else 0)
+                send(_response(piece.text, piece), FINAL if piece.finish_reason else 0)
             else:
                 pieces.append(piece.text)
                 if piece.finish_reason:
-                    sender.send(_response("".join(pieces), piece), flags=FINAL)
-            if piece.finish_reason or piece.error:
-                self._update_metrics()
+                    send(_response("".join(pieces), piece), FINAL)
 
         return emit
 
@@ -110,4 +127,6 @@ class TritonPythonModel:
             self.in_use[pool].set(value)
 
     def finalize(self):
-        self.service.close()
+        self.service.close()  # drains or cancels in-flight requests, joins the engine thread
+        self.outbox.put(None)
+        self.sender_thread.join(timeout=30)
