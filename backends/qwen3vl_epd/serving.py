@@ -49,13 +49,14 @@ class Encoded:
 
 
 class EncoderService:
-    """Processor + vision tower + Stager; a background thread reclaims released and expired slots."""
+    """Processor + vision tower + Stager; a background thread reclaims released and expired slots
+    (and reports metrics, which keeps their round trips to the server off the request path)."""
 
     def __init__(self, settings: Settings, reclaim_interval_s: float = 0.02,
-                 on_change: Callable[[dict], None] = lambda in_use: None):
+                 on_tick: Callable[[], None] = lambda: None):
         self.settings = s = settings
         s.apply_threads()
-        self.on_change = on_change  # gets buffers.in_use() whenever it may have changed
+        self.on_tick = on_tick  # called from the background thread after each reclaim (metrics)
         limits = Limits(s.max_image_bytes, s.max_image_pixels, s.max_images, s.max_model_len)
         self.processor = Processor(s.checkpoint_dir, limits)
         self.encoder = VisionEncoder(s.checkpoint_dir, s.torch_dtype(self.processor.config), s.device)
@@ -68,8 +69,8 @@ class EncoderService:
 
     def _reclaim_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            if self.stager.reclaim():
-                self.on_change(self.buffers.in_use())
+            self.stager.reclaim()
+            self.on_tick()
 
     def encode(self, requests: list[EncodeRequest]) -> list[Encoded | EpdError]:
         """One packed vision forward for the batch; a bad request fails alone."""
@@ -93,7 +94,6 @@ class EncoderService:
                 results[i] = e
         self.encode_seconds += time.perf_counter() - t0
         self.encode_count += len(requests)
-        self.on_change(self.buffers.in_use())
         return results
 
     def close(self) -> None:

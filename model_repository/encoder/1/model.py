@@ -23,17 +23,28 @@ class TritonPythonModel:
         self.families = [
             family("epd_buffer_blocks_in_use", "Blocks (or slots) in use per buffer pool", family.GAUGE),
             family("epd_encode_seconds_total", "Seconds spent encoding (decode, vision tower, staging)", counter),
-            family("epd_encode_requests_total", "Requests encoded (including rejected ones)", counter),
+            family("epd_encode_requests_total", "Requests the encoder processed (including rejected ones)", counter),
         ]
         self.in_use = {pool: self.families[0].Metric({"side": "encoder", "pool": pool})
                        for pool in ("slots", "token_blocks", "visual_blocks")}
         self.encode_seconds = self.families[1].Metric({})
         self.encode_requests = self.families[2].Metric({})
-        self.service = EncoderService(Settings.from_parameters(config.get("parameters", {})), on_change=self._gauges)
+        self.reported = {}
+        self.service = EncoderService(Settings.from_parameters(config.get("parameters", {})), on_tick=self._metrics)
 
-    def _gauges(self, in_use):
-        for pool, value in in_use.items():
-            self.in_use[pool].set(value)
+    def _metrics(self):
+        """On the service's background thread: set what changed since the last call."""
+        s = self.service
+        values = {**s.buffers.in_use(), "seconds": s.encode_seconds, "requests": s.encode_count}
+        for key, value in values.items():
+            if value != self.reported.get(key, 0):
+                if key == "seconds":
+                    self.encode_seconds.increment(value - self.reported.get(key, 0))
+                elif key == "requests":
+                    self.encode_requests.increment(value - self.reported.get(key, 0))
+                else:
+                    self.in_use[key].set(value)
+        self.reported = values
 
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
@@ -46,10 +57,7 @@ class TritonPythonModel:
             get = lambda name, r=request: _input(r, name)  # noqa: E731
             parsed.append((i, EncodeRequest(text, byte_items(get("image")), bool(first(get("raw_prompt")) or False),
                                             sampling_fields(get))))
-        before = self.service.encode_seconds
         results = self.service.encode([r for _, r in parsed])
-        self.encode_seconds.increment(self.service.encode_seconds - before)
-        self.encode_requests.increment(len(requests))
         for (i, _), result in zip(parsed, results):
             if isinstance(result, Exception):
                 responses[i] = self._error(str(result), error_code(result))
