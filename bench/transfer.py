@@ -67,9 +67,11 @@ def main() -> None:
             a, b = torch.empty(ours, dtype=torch.uint8), torch.ones(ours, dtype=torch.uint8)
             samples = {"pull": [], "owned": [], "raw": [], "copy": []}
             for i in range(args.repeats):  # interleaved, so noise from the shared machine hits all alike
-                peer.call("reclaim", 0)
-                samples["pull"].append(timed(read_session, puller, peer.stage(2 * i, L, V, 2)))
-                samples["owned"].append(timed(puller.pull, peer.stage(2 * i + 1, L, V, 2)))
+                # Each timing follows a staging call, so every read finds both engines in the same state.
+                peer.call("reclaim", 10_000)  # frees everything staged so far (the raw read's too)
+                samples["pull"].append(timed(read_session, puller, peer.stage(3 * i, L, V, 2)))
+                samples["owned"].append(timed(puller.pull, peer.stage(3 * i + 1, L, V, 2)))
+                peer.stage(3 * i + 2, L, V, 2)
                 samples["raw"].append(timed(transport.read, peer.session_id, [dst], [src], [ours], "raw"))
                 samples["copy"].append(timed(a.copy_, b))
             t_pull, t_owned, t_raw, t_copy = (statistics.median(samples[k]) for k in ("pull", "owned", "raw", "copy"))
