@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import GenerationConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel, apply_rotary_pos_emb
 
 from .checkpoint import LM_HEAD_PREFIX, TEXT_PREFIX, CheckpointReader, load_config, materialize
@@ -65,6 +66,16 @@ class Generation:
     step_logits: list[torch.Tensor] = field(default_factory=list)
 
 
+def eos_token_ids(checkpoint_dir: str, config) -> set[int]:
+    """generation_config.json's eos ids (what transformers' generate stops on), else the config's."""
+    try:
+        eos = GenerationConfig.from_pretrained(checkpoint_dir, local_files_only=True).eos_token_id
+    except OSError:
+        eos = None
+    eos = config.text_config.eos_token_id if eos is None else eos
+    return set(eos if isinstance(eos, list) else [eos])
+
+
 class LanguageModel:
     """Loads only `model.language_model.*` and `lm_head.*`; forwards flat variable-length batches."""
 
@@ -75,8 +86,7 @@ class LanguageModel:
         self.hidden_size = tc.hidden_size
         self.num_deepstack = len(self.config.vision_config.deepstack_visual_indexes)
         self.visual_token_ids = (self.config.image_token_id, self.config.video_token_id)
-        eos = self.config.text_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {151643}
+        self.eos_ids = eos_token_ids(checkpoint_dir, self.config)
         reader = CheckpointReader(checkpoint_dir)
         with torch.device("meta"):
             text = Qwen3VLMoeTextModel._from_config(tc, dtype=dtype)
