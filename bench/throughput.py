@@ -6,7 +6,6 @@ Run: .venv/bin/python bench/throughput.py [--requests 16] [--max-tokens 64]
 """
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from qwen3vl_epd.checkpoint import build_tiny  # noqa: E402
 from qwen3vl_epd.encoder import VisionEncoder  # noqa: E402
 from qwen3vl_epd.language import KVCache, LanguageModel  # noqa: E402
 from qwen3vl_epd.processor import Processor  # noqa: E402
-from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, Settings  # noqa: E402
+from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, Settings, pbtxt_parameters  # noqa: E402
 from qwen3vl_epd.transfer import MooncakeTransport, Puller, Stager  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"
@@ -82,12 +81,6 @@ def stage_times(checkpoint: str, reqs, threads: int) -> tuple[float, float, floa
     return statistics.mean(enc), statistics.mean(pull), statistics.mean(prefill)
 
 
-def served_parameters(model: str) -> dict:
-    """The `parameters` of a model's config.pbtxt, as the server reads them."""
-    text = (ROOT / "model_repository" / model / "config.pbtxt").read_text()
-    return dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=16)
@@ -105,7 +98,8 @@ def main() -> None:
         finally:
             server.stop()
     baseline = transformers_one_by_one(checkpoint, reqs, args.max_tokens)
-    threads = Settings.from_parameters(served_parameters("language")).torch_threads or torch.get_num_threads()
+    served = Settings.from_parameters(pbtxt_parameters(ROOT / "model_repository" / "language" / "config.pbtxt"))
+    threads = served.torch_threads or torch.get_num_threads()
     enc, pull, prefill = stage_times(checkpoint, reqs, threads)
     print(f"tiny checkpoint, {args.requests} requests (mixed text / 1 / 2 images), {args.max_tokens} output tokens each")
     print("| concurrency | output tok/s | mean TTFT ms | mean ITL ms | vs concurrency 1 | vs transformers |")

@@ -3,6 +3,7 @@ LanguageService (handle + sampling → streamed Pieces)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -25,9 +26,7 @@ from .transfer import MooncakeTransport, Puller, Stager
 
 def _buffers(s: Settings, hidden: int, deepstack: int, dtype, **overrides) -> MultimodalDataBuffers:
     cfg = BufferConfig(s.block_tokens, s.block_visual, s.num_token_blocks, s.num_visual_blocks, s.num_slots)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return MultimodalDataBuffers(hidden, deepstack, dtype, cfg, s.device)
+    return MultimodalDataBuffers(hidden, deepstack, dtype, dataclasses.replace(cfg, **overrides), s.device)
 
 
 def _transport(s: Settings) -> MooncakeTransport:

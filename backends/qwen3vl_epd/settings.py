@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,12 @@ class Settings:
             return getattr(torch, self.dtype)
         dt = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
         return getattr(torch, dt) if isinstance(dt, str) else dt
+
+
+def pbtxt_parameters(config_pbtxt: str | Path) -> dict[str, str]:
+    """The `parameters` of a config.pbtxt, for tools that read a model's settings without Triton."""
+    text = Path(config_pbtxt).read_text()
+    return dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text))
 
 
 def _convert(kind: str, text: str, key: str):
