@@ -2,12 +2,14 @@
 
 import json
 import subprocess
+from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from conftest import IMAGES, ROOT, image_bytes
+from test_processor import ACCEPTED
 from reference import reference_greedy
 from tritonserver import TritonServer
 
@@ -173,7 +175,10 @@ def _encoder_handle(server) -> bytes:
     client = httpclient.InferenceServerClient(server.http_url)
     t = httpclient.InferInput("text_input", [1, 1], "BYTES")
     t.set_data_from_numpy(np.array([[b"Hello"]], dtype=np.object_))
-    return client.infer("encoder", [t]).as_numpy("handle").reshape(-1)[0]
+    try:
+        return client.infer("encoder", [t]).as_numpy("handle").reshape(-1)[0]
+    finally:
+        client.close()
 
 
 def test_forged_and_malformed_handles_sent_to_language(server):
@@ -274,3 +279,35 @@ def test_grpc_cancel_and_disconnect_free_everything(server, how):
     time.sleep(0.5)
     assert tokens() == stopped_at
     assert text_of(generate(server.grpc_url, "Hello", max_tokens=3))[1].num_output_tokens == 3
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_every_accepted_test_image_is_served(server, name):
+    text, last = text_of(generate(server.grpc_url, "What is this?", [image_bytes(name)], max_tokens=2))
+    assert last.num_output_tokens >= 1 and last.num_input_tokens > 64
+
+
+def test_unloading_leaves_no_process_behind(tmp_path, checkpoint):
+    import tritonclient.http as httpclient
+
+    s = TritonServer(tmp_path / "server.log", env={"EPD_CHECKPOINT": checkpoint},
+                     args=["--model-control-mode=explicit", "--load-model=*"])
+    try:
+        client = httpclient.InferenceServerClient(s.http_url)
+        assert text_of(generate(s.grpc_url, "Hi", max_tokens=2))[1].num_output_tokens == 2
+        # launch.py execs tritonserver, so the process we started is the server itself
+        children = subprocess.run(["pgrep", "-P", str(s.process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2  # the encoder and language stubs
+        for model in ("ensemble", "language", "encoder"):
+            client.unload_model(model)
+        deadline = time.monotonic() + 60
+        while any(_alive(pid) for pid in children):
+            assert time.monotonic() < deadline, "a model process outlived its unload"
+            time.sleep(0.2)
+        client.close()  # an open keep-alive connection holds tritonserver's exit for 30 s
+    finally:
+        s.stop()
+
+
+def _alive(pid: str) -> bool:
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()

@@ -23,12 +23,12 @@ def free_ports(n: int) -> list[int]:
 
 
 class TritonServer:
-    def __init__(self, log_path: Path, env: dict | None = None, timeout: float = 180.0):
+    def __init__(self, log_path: Path, env: dict | None = None, timeout: float = 180.0, args: list[str] = ()):
         self.http, self.grpc, self.metrics = free_ports(3)
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "qwen3vl_epd.launch", f"--http-port={self.http}", f"--grpc-port={self.grpc}",
-             f"--metrics-port={self.metrics}"],
+             f"--metrics-port={self.metrics}", *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             start_new_session=True)
         deadline = time.monotonic() + timeout
