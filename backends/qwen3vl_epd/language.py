@@ -182,7 +182,8 @@ class LanguageModel:
         for chunk in chunks:
             logits = self.prefill(chunk, cache, all_logits=record is not None)
             if record is not None:
-                record.prompt_logits = logits if record.prompt_logits is None else torch.cat([record.prompt_logits, logits])
+                before = record.prompt_logits
+                record.prompt_logits = logits if before is None else torch.cat([before, logits])
             length, delta, logits = length + chunk.length, chunk.mrope_delta, logits[-1]
         for n in range(1, params.max_tokens + 1):
             if record is not None:

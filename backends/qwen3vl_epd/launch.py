@@ -22,7 +22,8 @@ def pytriton_backend_dir(work_dir: Path) -> tuple[Path, Path]:
     import pytriton
 
     base = Path(pytriton.__file__).parent / "tritonserver"
-    stub = base / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = base / "python_backend_stubs" / version / "triton_python_backend_stub"
     python_dir = work_dir / "backends" / "python"
     python_dir.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):

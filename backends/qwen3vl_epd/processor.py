@@ -78,7 +78,8 @@ def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(index, f"over the pixel limit of {limits.max_image_pixels}, rejected from the header: {e}") from None
+        raise ImageTooLargeError(
+            index, f"over the pixel limit of {limits.max_image_pixels}, rejected from the header: {e}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError(index, "cannot decode image: not a JPEG, PNG or WebP file") from None
     except (OSError, ValueError) as e:
@@ -127,7 +128,8 @@ class Processor:
             found = text.count(VISION_PLACEHOLDER)
             if found != num_images:
                 raise InvalidInputError(
-                    f"text_input: raw prompt has {found} '{VISION_PLACEHOLDER}' placeholders but {num_images} images were sent"
+                    f"text_input: raw prompt has {found} '{VISION_PLACEHOLDER}' placeholders but "
+                    f"{num_images} images were sent"
                 )
             return text
         markers = text.count(IMAGE_MARKER)
@@ -206,7 +208,8 @@ class Processor:
                 out = self.image_processor(images=[image], return_tensors="pt")
             except ValueError as e:  # smart_resize: aspect ratio over 200
                 raise ImageTooLargeError(
-                    i, f"{image.size[0]}x{image.size[1]} is rejected by the image processor's aspect ratio limit (200): {e}"
+                    i, f"{image.size[0]}x{image.size[1]} is rejected by the image processor's aspect ratio "
+                    f"limit (200): {e}"
                 ) from None
             pixel_values.append(out["pixel_values"])
             grids.append(out["image_grid_thw"])

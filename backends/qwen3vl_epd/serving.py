@@ -118,7 +118,8 @@ class LanguageService:
         self.puller = Puller(self.buffers, _transport(s), s.chunk_tokens,
                              set(s.allowed_encoder_hosts) or None, s.alloc_wait_s)
         self.engine = Engine(self.model, self.puller, self.tokenizer, s.kv_cache_tokens, s.kv_block_size,
-                             s.max_batched_tokens, s.max_running, s.max_model_len, on_step)
+                             s.max_batched_tokens, s.max_running, s.max_model_len, on_step,
+                             s.cancel_check_ms / 1000)
 
     def sampling(self, **fields) -> SamplingParams:
         """Request fields (absent: None) → validated SamplingParams."""

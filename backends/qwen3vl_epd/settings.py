@@ -43,6 +43,7 @@ class Settings:
     max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
     max_running: int = 256
     max_queued_requests: int = 1024
+    cancel_check_ms: float = 20.0  # is_cancelled() is a round trip to the server: this often at most
     # request limits
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000

@@ -212,8 +212,10 @@ class Stager:
         b = self.buffers
         row = [0] * AUX_WIDTH
         row[MAGIC_VERSION], row[NONCE], row[GENERATION] = MAGIC | PROTOCOL_VERSION, nonce, gen
-        row[LENGTH], row[VISUAL], row[DEEPSTACK], row[HIDDEN] = prompt.length, prompt.num_visual, b.num_deepstack, b.hidden_size
-        row[DTYPE], row[DELTA], row[IMAGES], row[SLOT] = DTYPE_CODES[dtype_name(b.dtype)], prompt.mrope_delta, len(prompt.image_spans), slot
+        row[LENGTH], row[VISUAL], row[DEEPSTACK], row[HIDDEN] = (
+            prompt.length, prompt.num_visual, b.num_deepstack, b.hidden_size)
+        row[DTYPE], row[DELTA], row[IMAGES], row[SLOT] = (
+            DTYPE_CODES[dtype_name(b.dtype)], prompt.mrope_delta, len(prompt.image_spans), slot)
         return row
 
     def reclaim(self, now: float | None = None) -> int:
@@ -355,7 +357,8 @@ class PullSession:
         add("mrope_positions", 12, h.token_blocks, h.block_tokens, tok, bt, start, end - start)
         add("embeddings", h.hidden_size * esize, h.visual_blocks, h.block_visual, vis, bv, v0, v1 - v0)
         if h.num_deepstack:
-            add("deepstack", h.num_deepstack * h.hidden_size * esize, h.visual_blocks, h.block_visual, vis, bv, v0, v1 - v0)
+            ds_row = h.num_deepstack * h.hidden_size * esize
+            add("deepstack", ds_row, h.visual_blocks, h.block_visual, vis, bv, v0, v1 - v0)
         aux_bytes = AUX_WIDTH * 8
         local.append(b.aux[self.slot].data_ptr())
         remote.append(h.addresses["aux"] + h.slot * aux_bytes)
@@ -380,7 +383,8 @@ class PullSession:
                 f"it was already released or outlived handle_ttl_s ({what})")
         if aux[NONCE] != h.nonce:
             raise HandleError(f"{h.name}: nonce mismatch, the handle is forged or reused ({what})")
-        expected = [MAGIC | PROTOCOL_VERSION, h.length, h.num_visual, h.num_deepstack, h.hidden_size, DTYPE_CODES[h.dtype]]
+        expected = [MAGIC | PROTOCOL_VERSION, h.length, h.num_visual, h.num_deepstack, h.hidden_size,
+                    DTYPE_CODES[h.dtype]]
         got = [aux[MAGIC_VERSION], aux[LENGTH], aux[VISUAL], aux[DEEPSTACK], aux[HIDDEN], aux[DTYPE]]
         if got != expected:
             raise HandleError(f"{h.name}: header {got} does not match the handle {expected} ({what})")
@@ -396,7 +400,8 @@ class PullSession:
                 b.aux[self.slot, NONCE] = h.nonce
                 src = b.aux[self.slot].data_ptr() + NONCE * 8
                 try:
-                    self.puller.transport.write(h.peer, src, h.addresses["release"] + h.slot * 8, 8, f"release of {h.name}")
+                    release = h.addresses["release"] + h.slot * 8
+                    self.puller.transport.write(h.peer, src, release, 8, f"release of {h.name}")
                 except PeerError:
                     pass  # the encoder is gone; its TTL reclaim (or its exit) frees the slot
         finally:

@@ -51,13 +51,15 @@ class Engine:
                 raise UnavailableError("language model is shutting down")
             room = self.max_model_len - session.handle.length
             if room <= 0:
-                raise InvalidInputError(f"prompt is {session.handle.length} tokens, over the max model length of {self.max_model_len}")
+                raise InvalidInputError(f"prompt is {session.handle.length} tokens, over the max model length "
+                                        f"of {self.max_model_len}")
             params.max_tokens = min(params.max_tokens, room)
             need = self.kv.blocks_for(session.handle.length + params.max_tokens)
             if need > self.kv.num_blocks:
                 raise InvalidInputError(
                     f"max_tokens: prompt ({session.handle.length}) + max_tokens ({params.max_tokens}) needs "
-                    f"{need * self.kv.block_size} KV tokens, over the KV cache capacity of {self.kv.num_blocks * self.kv.block_size}")
+                    f"{need * self.kv.block_size} KV tokens, over the KV cache capacity of "
+                    f"{self.kv.num_blocks * self.kv.block_size}")
         except EpdError:
             session.close()
             raise

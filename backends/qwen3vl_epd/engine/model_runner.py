@@ -15,7 +15,8 @@ class ModelRunner:
         self.model = model
 
     @torch.inference_mode()
-    def run(self, prefills: list[tuple[Sequence, EncodedPrompt]], decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+    def run(self, prefills: list[tuple[Sequence, EncodedPrompt]],
+            decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """The sequences that sample this step (decodes, and prefills on their last chunk) and
         their logits [n, vocab]."""
         m = self.model
