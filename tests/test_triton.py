@@ -143,7 +143,7 @@ def test_missing_text_input(server):
     assert e.value.code == 400 and "text_input" in e.value.read().decode()
 
 
-def _language_stream(server, handle: bytes) -> str:
+def _language_stream(server, handle: bytes, max_tokens: int = 2) -> str:
     """Send a handle straight to the language model; the error message, or '' on success."""
     import queue
 
@@ -155,7 +155,7 @@ def _language_stream(server, handle: bytes) -> str:
     t = grpcclient.InferInput("handle", [1, 1], "BYTES")
     t.set_data_from_numpy(np.array([[handle]], dtype=np.object_))
     m = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-    m.set_data_from_numpy(np.array([[2]], dtype=np.int32))
+    m.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
     client.async_stream_infer("language", [t, m])
     try:
         while True:
@@ -183,6 +183,9 @@ def _encoder_handle(server) -> bytes:
 
 def test_forged_and_malformed_handles_sent_to_language(server):
     assert "malformed handle" in _language_stream(server, b"{not json")
+    assert "max_tokens: 0 is outside 1..4096" in _language_stream(server, b"{not json", max_tokens=0)
+    staged = _encoder_handle(server)
+    assert "max_tokens: 0 is outside" in _language_stream(server, staged, max_tokens=0)  # and its slot is released
     real = _encoder_handle(server)
     forged = json.loads(real)
     forged["nonce"] += 1

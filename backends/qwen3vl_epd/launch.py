@@ -70,7 +70,7 @@ def main() -> None:
     argv, env = command(args.http_port, args.grpc_port, args.metrics_port, extra=extra)
     print(f"serving {MODEL_REPOSITORY}: HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, "
           f"metrics http://localhost:{args.metrics_port}/metrics\n"
-          f"try: python -m client --prompt 'Describe this image.' --image IMAGE --stream "
+          f"try: .venv/bin/python -m client --prompt 'Describe this image.' --image IMAGE --stream "
           f"--url localhost:{args.grpc_port}", flush=True)
     os.execve(argv[0], argv, env)
 

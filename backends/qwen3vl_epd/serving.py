@@ -126,8 +126,12 @@ class LanguageService:
         return sampling_params(self.settings.default_max_tokens, self.settings.max_tokens_limit, **fields)
 
     def release(self, handle: bytes) -> None:
-        """Give the encoder its slot back without reading (the request failed before the pull)."""
-        self.puller.open(handle).close()
+        """Give the encoder its slot back without reading (the request failed before the pull);
+        best effort: a handle too broken to open is left to the encoder's TTL."""
+        try:
+            self.puller.open(handle).close()
+        except EpdError:
+            pass
 
     def submit(self, handle: bytes, params: SamplingParams, emit: Callable[[Piece], None],
                cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:

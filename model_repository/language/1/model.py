@@ -69,9 +69,9 @@ class TritonPythonModel:
         try:
             try:
                 params = self.service.sampling(**sampling_fields(lambda name: _input(request, name)))
-            except EpdError:
+            except EpdError as bad_request:
                 self.service.release(handle)  # the encoder staged this request: give its blocks back
-                raise
+                raise bad_request
             stream = bool(first(_input(request, "stream")) or False)
             self.service.submit(handle, params, self._emitter(sender, stream), request.is_cancelled, arrived)
         except EpdError as e:
