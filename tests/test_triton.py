@@ -300,8 +300,8 @@ def test_unloading_leaves_no_process_behind(tmp_path, checkpoint):
         assert text_of(generate(s.grpc_url, "Hi", max_tokens=2))[1].num_output_tokens == 2
         # launch.py execs tritonserver, so the process we started is the server itself
         children = subprocess.run(["pgrep", "-P", str(s.process.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) == 2  # the encoder and language stubs
-        for model in ("ensemble", "language", "encoder"):
+        assert len(children) == 3  # the encoder, language and complete stubs
+        for model in ("ensemble", "complete", "language", "encoder"):
             client.unload_model(model)
         deadline = time.monotonic() + 60
         while any(_alive(pid) for pid in children):
@@ -314,3 +314,41 @@ def test_unloading_leaves_no_process_behind(tmp_path, checkpoint):
 
 def _alive(pid: str) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def _complete(server, text, images=(), **fields):
+    """HTTP /infer on the unary `complete` model; (outputs, None) or (None, (HTTP status, message))."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    inputs = []
+    values = {"text_input": ("BYTES", np.array([[text.encode()]], dtype=np.object_))}
+    if images:
+        values["image"] = ("BYTES", np.array([list(images)], dtype=np.object_))
+    for name, value in fields.items():
+        values[name] = ("INT32", np.array([[value]], dtype=np.int32))
+    for name, (dtype, array) in values.items():
+        t = httpclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array, binary_data=True)
+        inputs.append(t)
+    try:
+        result = client.infer("complete", inputs)
+        return {n: result.as_numpy(n).reshape(-1)[0] for n in ("text_output", "finish_reason", "num_output_tokens")}, None
+    except InferenceServerException as e:
+        return None, (e.status(), e.message())
+    finally:
+        client.close()
+
+
+def test_http_infer_on_complete(server, expected):
+    text, names = CASES["one_image"]
+    out, error = _complete(server, text, [image_bytes(n) for n in names], max_tokens=MAX_TOKENS)
+    assert error is None
+    assert out["text_output"].decode() == expected["one_image"][0]
+    assert out["num_output_tokens"] == expected["one_image"][1]
+    _, error = _complete(server, "Hi", max_tokens=0)
+    assert error[0] == "400" and "max_tokens: 0 is outside 1..4096" in error[1]
+    _, error = _complete(server, "Hi", [image_bytes("truncated.jpg")])
+    assert "image 0: cannot decode image" in error[1]  # (its code is lost on the BLS hop in 2.51)
+    assert_pools_empty(server)

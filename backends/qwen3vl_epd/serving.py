@@ -41,6 +41,14 @@ class EncodeRequest:
     sampling: dict = field(default_factory=dict)  # checked here so a bad request costs no image work
 
 
+def check_request(text: str | None, sampling: dict, settings: Settings | None = None) -> None:
+    """The request's own fields (text_input present, sampling in range); InvalidInputError if not."""
+    s = settings or Settings()
+    if text is None:
+        raise InvalidInputError("text_input: required input is missing")
+    sampling_params(s.default_max_tokens, s.max_tokens_limit, **sampling)
+
+
 @dataclass
 class Encoded:
     handle: bytes
@@ -79,9 +87,7 @@ class EncoderService:
         s = self.settings
         for i, r in enumerate(requests):
             try:
-                if r.text is None:
-                    raise InvalidInputError("text_input: required input is missing")
-                sampling_params(s.default_max_tokens, s.max_tokens_limit, **r.sampling)
+                check_request(r.text, r.sampling, s)
                 processed[i] = self.processor.process(r.text, r.images, r.raw_prompt)
             except EpdError as e:
                 results[i] = e
