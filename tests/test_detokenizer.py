@@ -24,3 +24,15 @@ def test_stop_strings_are_cut_and_never_sent(processor):
             break
     sent += d.flush()
     assert d.stopped and sent == "alpha beta "
+
+
+def test_random_token_streams_add_up(processor):
+    """Random ids (byte tokens that split characters included) against one full decode."""
+    import random
+
+    tok = processor.tokenizer
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(151643) for _ in range(rng.randrange(1, 60))]
+        d = Detokenizer(tok)
+        assert "".join(d.add(t) for t in ids) + d.flush() == tok.decode(ids, skip_special_tokens=True)

@@ -49,12 +49,6 @@ def check_request(text: str | None, sampling: dict, settings: Settings | None = 
     sampling_params(s.default_max_tokens, s.max_tokens_limit, **sampling)
 
 
-@dataclass
-class Encoded:
-    handle: bytes
-    num_input_tokens: int
-
-
 class EncoderService:
     """Processor + vision tower + Stager; a background thread reclaims released and expired slots
     (and reports metrics, which keeps their round trips to the server off the request path)."""
@@ -79,10 +73,10 @@ class EncoderService:
             self.stager.reclaim()
             self.on_tick()
 
-    def encode(self, requests: list[EncodeRequest]) -> list[Encoded | EpdError]:
-        """One packed vision forward for the batch; a bad request fails alone."""
+    def encode(self, requests: list[EncodeRequest]) -> list[bytes | EpdError]:
+        """Handles (or errors) for a batch: one packed vision forward; a bad request fails alone."""
         t0 = time.perf_counter()
-        results: list[Encoded | EpdError | None] = [None] * len(requests)
+        results: list[bytes | EpdError | None] = [None] * len(requests)
         processed = {}
         s = self.settings
         for i, r in enumerate(requests):
@@ -94,7 +88,7 @@ class EncoderService:
         encoded = self.encoder.encode(list(processed.values()))
         for i, prompt in zip(processed, encoded):
             try:
-                results[i] = Encoded(self.stager.stage(prompt).encode(), prompt.length)
+                results[i] = self.stager.stage(prompt).encode()
             except EpdError as e:
                 results[i] = e
         self.encode_seconds += time.perf_counter() - t0

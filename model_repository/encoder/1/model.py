@@ -62,7 +62,7 @@ class TritonPythonModel:
             if isinstance(result, Exception):
                 responses[i] = self._error(str(result), error_code(result))
             else:
-                handle = pb_utils.Tensor("handle", np.array([[result.handle]], dtype=np.object_))
+                handle = pb_utils.Tensor("handle", np.array([[result]], dtype=np.object_))
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[handle])
         return responses
 
