@@ -1,5 +1,6 @@
 """The continuous-batching engine, fed by a real encoder process over Mooncake, against transformers."""
 
+import re
 import threading
 import time
 from types import SimpleNamespace
@@ -233,3 +234,18 @@ def test_stop_cancels_what_is_left(peer, puller, language, processor):
     assert not engine._thread.is_alive()
     assert all(c.done.is_set() and c.last.finish_reason == "cancelled" for c in collectors)
     assert_all_free(engine, peer)
+
+
+def test_inconsistent_prompt_fails_alone(peer, puller, language, processor, expected):
+    """A handle whose rows disagree with its tokens fails by itself; the batch around it goes on."""
+    engine = make_engine(language, puller, processor)
+    try:
+        good = submit(engine, peer, "one_image")
+        bad = submit(engine, peer, "one_image", handle=peer.stage(5, 100, 30, 1))  # random ids: no image pads
+        wait_all([good, bad])
+        assert bad.last.error is not None and re.search(r"chunk 0 has 0 image pads but \d+ embedding rows",
+                                                        str(bad.last.error))
+        assert (good.text, good.last.num_output_tokens) == expected["one_image"][:2]
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from ..detokenizer import Detokenizer
-from ..errors import EpdError, InvalidInputError, UnavailableError
+from ..errors import EpdError, HandleError, InvalidInputError, UnavailableError
 from ..language import LanguageModel
 from ..sampling import SamplingParams
 from ..transfer import Puller
@@ -109,7 +109,12 @@ class Engine:
         chunks = []
         for seq in prefills:
             try:
-                chunks.append((seq, seq.session.read_chunk(seq.next_chunk)))
+                chunk = seq.session.read_chunk(seq.next_chunk)
+                pads = int(self.model.visual_mask(chunk.fill_ids.to(self.model.device)).sum())
+                if pads != chunk.num_visual:  # checked here so it fails this request, not the batch
+                    raise HandleError(f"{seq.session.handle.name}: chunk {seq.next_chunk} has {pads} image pads "
+                                      f"but {chunk.num_visual} embedding rows")
+                chunks.append((seq, chunk))
             except EpdError as e:
                 self._finish(seq, None, e)
         if not chunks and not decodes:
