@@ -36,3 +36,17 @@ def test_random_token_streams_add_up(processor):
         ids = [rng.randrange(151643) for _ in range(rng.randrange(1, 60))]
         d = Detokenizer(tok)
         assert "".join(d.add(t) for t in ids) + d.flush() == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_merge_pieces_keeps_order_and_finals():
+    from qwen3vl_epd.engine.sequence import Piece
+    from qwen3vl_epd.errors import EpdError
+    from qwen3vl_epd.serving import merge_pieces
+
+    a, b = object(), object()
+    batch = [(a, Piece("He", None, 5, 1)), (b, Piece("x", None, 3, 1)), (a, Piece("llo", None, 5, 2)),
+             (a, Piece("!", "stop", 5, 3)), (b, Piece("", None, 3, 1, EpdError("boom")))]
+    out = merge_pieces(batch)
+    assert [(s is a, p.text, p.finish_reason, p.num_output_tokens) for s, p in out] == [
+        (True, "Hello!", "stop", 3), (False, "x", None, 1), (False, "", None, 1)]
+    assert out[2][1].error is not None

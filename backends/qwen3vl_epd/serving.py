@@ -140,3 +140,19 @@ class LanguageService:
     def close(self) -> None:
         self.engine.stop()
         self.puller.close()
+
+
+def merge_pieces(batch: list[tuple[object, Piece]]) -> list[tuple[object, Piece]]:
+    """Queued (sender, piece) pairs with consecutive plain pieces of one sender joined into one;
+    the order within each sender is kept, and errors and final pieces are never merged into."""
+    out: list[tuple[object, Piece]] = []
+    last: dict[int, int] = {}  # sender id → index in out of its latest piece
+    for sender, piece in batch:
+        i = last.get(id(sender))
+        plain = piece.error is None and piece.finish_reason != "cancelled"
+        if i is not None and plain and out[i][1].finish_reason is None and out[i][1].error is None:
+            out[i] = (sender, dataclasses.replace(piece, text=out[i][1].text + piece.text))
+        else:
+            last[id(sender)] = len(out)
+            out.append((sender, piece))
+    return out

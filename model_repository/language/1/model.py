@@ -1,5 +1,6 @@
 """Triton adapter of the language model (decoupled): handle + sampling → the engine → streamed text."""
 
+import dataclasses
 import json
 import queue
 import threading
@@ -9,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen3vl_epd.errors import EpdError
-from qwen3vl_epd.serving import LanguageService
+from qwen3vl_epd.serving import LanguageService, merge_pieces
 from qwen3vl_epd.settings import Settings
 from qwen3vl_epd.triton_io import error_code, first, sampling_fields
 
@@ -52,7 +53,8 @@ class TritonPythonModel:
                        for p in ("slots", "token_blocks", "visual_blocks", "kv_blocks")}
         self.last, self.metrics_lock, self.metrics_at = {}, threading.Lock(), 0.0
         # Responses go out on their own thread: a send is a blocking round trip to the server
-        # process, and the engine's next forward should not wait for it.
+        # process, and the engine's next forward should not wait for it. Pieces that queue up
+        # meanwhile for the same request leave as one response.
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=self._send_loop, daemon=True)
         self.sender_thread.start()
@@ -80,31 +82,38 @@ class TritonPythonModel:
 
     def _send_loop(self):
         while (item := self.outbox.get()) is not None:
-            sender, response, flags, last = item
-            try:
-                sender.send(response, flags=flags)
-            except Exception:  # the client is gone; the engine finds out through is_cancelled
-                pass
-            if last:
-                self._update_metrics()
+            batch = [item]
+            while not self.outbox.empty() and (item := self.outbox.get()) is not None:
+                batch.append(item)
+            for sender, piece in merge_pieces(batch):
+                self._respond(sender, piece)
+            if item is None:
+                return
+
+    def _respond(self, sender, piece):
+        if piece.error is not None:
+            response, flags = _error(str(piece.error), error_code(piece.error)), FINAL
+        elif piece.finish_reason == "cancelled":
+            response, flags = _error("request cancelled", "CANCELLED"), FINAL
+        else:
+            response, flags = _response(piece.text, piece), FINAL if piece.finish_reason else 0
+        try:
+            sender.send(response, flags=flags)
+        except Exception:  # the client is gone; the engine finds out through is_cancelled
+            pass
+        if flags == FINAL:
+            self._update_metrics()
 
     def _emitter(self, sender, stream):
-        pieces = []
-
-        def send(response, flags=0):
-            self.outbox.put((sender, response, flags, flags == FINAL))
+        texts = []
 
         def emit(piece):  # called on the engine thread
-            if piece.error is not None:
-                send(_error(str(piece.error), error_code(piece.error)), FINAL)
-            elif piece.finish_reason == "cancelled":
-                send(_error("request cancelled", "CANCELLED"), FINAL)
-            elif stream:
-                send(_response(piece.text, piece), FINAL if piece.finish_reason else 0)
+            if stream or piece.error is not None or piece.finish_reason == "cancelled":
+                self.outbox.put((sender, piece))
             else:
-                pieces.append(piece.text)
+                texts.append(piece.text)
                 if piece.finish_reason:
-                    send(_response("".join(pieces), piece), FINAL)
+                    self.outbox.put((sender, dataclasses.replace(piece, text="".join(texts))))
 
         return emit
 
