@@ -94,14 +94,18 @@ class Engine:
             self.on_step()
 
     def step(self) -> None:
-        """One scheduling step: cancellations, then one forward of prompt chunks and decode tokens."""
+        """One forward of prompt chunks and decode tokens, then the cancellation check."""
+        self._run_batch()
         now = time.monotonic()
         if now - self._cancel_checked >= self.cancel_check_s:
-            # is_cancelled() is a round trip to the server process: not for every sequence every step.
+            # is_cancelled() is a round trip to the server process: not for every sequence every
+            # step, and after the forward, so that a new request's first token never waits on it.
             self._cancel_checked = now
             for seq in self.scheduler.all():
                 if seq.cancelled():
                     self._finish(seq, "cancelled")
+
+    def _run_batch(self) -> None:
         prefills, decodes = self.scheduler.schedule()
         if not prefills and not decodes:
             time.sleep(0.001)  # everything waits for KV held by sequences being cancelled
