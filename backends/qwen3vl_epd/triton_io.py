@@ -8,7 +8,6 @@ import numpy as np
 from .errors import EpdError
 
 
-
 def first(array: np.ndarray | None, kind=None):
     """The single value of an optional [1] / [1, 1] input, or None when absent."""
     if array is None or array.size == 0:
@@ -33,6 +32,7 @@ def error_code(exc: BaseException) -> str:
 
 def sampling_fields(get) -> dict:
     """The optional sampling inputs of a request; `get(name)` returns an input array or None."""
-    fields = {name: first(get(name)) for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")}
+    names = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
+    fields = {name: first(get(name)) for name in names}
     fields["stop"] = [s.decode(errors="replace") for s in byte_items(get("stop"))]
     return fields
