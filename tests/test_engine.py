@@ -131,7 +131,7 @@ def test_batched_step_logits_equal_single(processor, encoder, language, referenc
     seqs = [SimpleNamespace(kv=kv.sequence(e.length + 4), next_chunk=0, num_chunks=1, tokens=[], prompt_len=e.length,
                             mrope_delta=e.mrope_delta) for e in encoded]
     runner = ModelRunner(language)
-    order, prefill = runner.run(list(zip(seqs, encoded)), [])
+    order, prefill = runner.run([runner.prepare(s, e) for s, e in zip(seqs, encoded)], [])
     assert order == seqs
     for seq, logits, prompt in zip(seqs, prefill, prompts):
         assert (logits - reference_logits(reference, prompt)[-1]).abs().max().item() <= TOL
@@ -243,7 +243,7 @@ def test_inconsistent_prompt_fails_alone(peer, puller, language, processor, expe
         good = submit(engine, peer, "one_image")
         bad = submit(engine, peer, "one_image", handle=peer.stage(5, 100, 30, 1))  # random ids: no image pads
         wait_all([good, bad])
-        assert bad.last.error is not None and re.search(r"chunk 0 has 0 image pads but \d+ embedding rows",
+        assert bad.last.error is not None and re.search(r"chunk 0: 0 image pads but \d+ embedding rows",
                                                         str(bad.last.error))
         assert (good.text, good.last.num_output_tokens) == expected["one_image"][:2]
         assert_all_free(engine, peer)

@@ -97,18 +97,16 @@ class LanguageModel:
             head = {"weight": self.model.embed_tokens.weight}
         self.lm_head = materialize(lm_head, head, self.device).eval()
 
-    def embed(self, fill_ids: torch.Tensor, visual_rows: torch.Tensor) -> torch.Tensor:
-        """embed_tokens(fill_ids) with the visual rows scattered at the image/video pad positions."""
+    def embed(self, fill_ids: torch.Tensor, visual_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """embed_tokens(fill_ids) with the visual rows scattered at the image/video pad positions,
+        and those positions; ValueError when pads and rows disagree."""
         ids = fill_ids.to(self.device, torch.long)
+        visual_index = torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device)).nonzero().flatten()
+        if visual_index.numel() != visual_rows.shape[0]:
+            raise ValueError(f"{visual_index.numel()} image pads but {visual_rows.shape[0]} embedding rows")
         embeds = self.model.embed_tokens(ids)
-        mask = self.visual_mask(ids)
-        if int(mask.sum()) != visual_rows.shape[0]:
-            raise ValueError(f"{int(mask.sum())} visual pads but {visual_rows.shape[0]} embedding rows")
-        embeds[mask] = visual_rows.to(self.device, self.dtype)
-        return embeds
-
-    def visual_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device))
+        embeds[visual_index] = visual_rows.to(self.device, self.dtype)
+        return embeds, visual_index
 
     @torch.inference_mode()
     def forward(
@@ -149,8 +147,7 @@ class LanguageModel:
 
     def prefill(self, prompt: EncodedPrompt, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Prefill one (chunk of a) prompt into `cache`; logits of its last token, or of all."""
-        embeds = self.embed(prompt.fill_ids, prompt.embeddings)
-        visual_index = self.visual_mask(prompt.fill_ids.to(self.device)).nonzero().flatten()
+        embeds, visual_index = self.embed(prompt.fill_ids, prompt.embeddings)
         n = prompt.length
         return self.forward(
             embeds,

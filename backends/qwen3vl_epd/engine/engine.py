@@ -113,12 +113,9 @@ class Engine:
         chunks = []
         for seq in prefills:
             try:
-                chunk = seq.session.read_chunk(seq.next_chunk)
-                pads = int(self.model.visual_mask(chunk.fill_ids.to(self.model.device)).sum())
-                if pads != chunk.num_visual:  # checked here so it fails this request, not the batch
-                    raise HandleError(f"{seq.session.handle.name}: chunk {seq.next_chunk} has {pads} image pads "
-                                      f"but {chunk.num_visual} embedding rows")
-                chunks.append((seq, chunk))
+                chunks.append(self.runner.prepare(seq, seq.session.read_chunk(seq.next_chunk)))
+            except ValueError as e:  # rows that disagree with their tokens fail this request, not the batch
+                self._finish(seq, None, HandleError(f"{seq.session.handle.name}: chunk {seq.next_chunk}: {e}"))
             except EpdError as e:
                 self._finish(seq, None, e)
         if not chunks and not decodes:
@@ -126,7 +123,7 @@ class Engine:
         sampling, logits = self.runner.run(chunks, decodes)
         self.steps += 1
         self.mixed_steps += bool(chunks and decodes)
-        for seq, _ in chunks:
+        for seq in (p.seq for p in chunks):
             seq.session.release_chunk()
             seq.next_chunk += 1
             if seq.next_chunk == seq.num_chunks:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..encoder import EncodedPrompt
@@ -10,22 +12,38 @@ from .kv_cache import DecodeBatch
 from .sequence import Sequence
 
 
+@dataclass
+class PreparedChunk:
+    """A prompt chunk's inputs, embedded before the batch is assembled."""
+
+    seq: Sequence
+    chunk: EncodedPrompt
+    embeds: torch.Tensor
+    visual_index: torch.Tensor
+
+
 class ModelRunner:
     def __init__(self, model: LanguageModel):
         self.model = model
 
     @torch.inference_mode()
-    def run(self, prefills: list[tuple[Sequence, EncodedPrompt]],
-            decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+    def prepare(self, seq: Sequence, chunk: EncodedPrompt) -> PreparedChunk:
+        """Embed one sequence's chunk; ValueError (this sequence's alone) when its rows disagree
+        with its tokens."""
+        return PreparedChunk(seq, chunk, *self.model.embed(chunk.fill_ids, chunk.embeddings))
+
+    @torch.inference_mode()
+    def run(self, prefills: list[PreparedChunk], decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """The sequences that sample this step (decodes, and prefills on their last chunk) and
         their logits [n, vocab]."""
         m = self.model
         embeds, positions, chunks, visual, deepstack, wanted = [], [], [], [], [], []
         offset = 0
-        for seq, chunk in prefills:
-            embeds.append(m.embed(chunk.fill_ids, chunk.embeddings))
+        for p in prefills:
+            seq, chunk = p.seq, p.chunk
+            embeds.append(p.embeds)
             positions.append(chunk.mrope_positions.T.to(torch.long))
-            visual.append(m.visual_mask(chunk.fill_ids.to(m.device)).nonzero().flatten() + offset)
+            visual.append(p.visual_index + offset)
             deepstack.append(chunk.deepstack)
             chunks.append(Chunk(seq.kv, chunk.length))
             offset += chunk.length
