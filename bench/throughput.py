@@ -20,8 +20,8 @@ sys.path.insert(0, str(ROOT))
 from tritonserver import TritonServer  # noqa: E402
 
 from client import load  # noqa: E402
-from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
-from qwen3vl_epd.checkpoint import build_tiny  # noqa: E402
+from qwen3vl_epd.tiny_checkpoint import build_tiny  # noqa: E402
+from qwen3vl_epd.buffers import MultimodalDataBuffers  # noqa: E402
 from qwen3vl_epd.encoder import VisionEncoder  # noqa: E402
 from qwen3vl_epd.language import KVCache, LanguageModel  # noqa: E402
 from qwen3vl_epd.processor import Processor  # noqa: E402

@@ -1,25 +1,28 @@
-"""Shared fixtures: the tiny checkpoint, the transformers reference, and both halves (fp32)."""
+"""Session fixtures (the tiny checkpoint, the transformers reference, both halves in fp32) and the
+test tiers: every test carries exactly one tier marker (see pyproject.toml)."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-IMAGES = Path(os.environ.get("EPD_TEST_IMAGES", ROOT.parent / "shared" / "testdata" / "images"))
-TOL = 1e-4  # fp32 max abs logit difference against transformers
+TIERS = ("unit", "mooncake", "triton", "chaos", "netns")
 
 
-def image_bytes(name: str) -> bytes:
-    return (IMAGES / name).read_bytes()
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tiers = [m.name for m in item.iter_markers() if m.name in TIERS]
+        if len(tiers) != 1:
+            raise pytest.UsageError(f"{item.nodeid} has tier markers {tiers}; it needs exactly one of {TIERS}")
 
 
 @pytest.fixture(scope="session")
 def checkpoint() -> str:
     path = Path(os.environ.get("EPD_TINY_CHECKPOINT", ROOT / "checkpoints" / "tiny"))
     if not (path / "model.safetensors").exists():
-        from qwen3vl_epd.checkpoint import build_tiny
+        from qwen3vl_epd.tiny_checkpoint import build_tiny
 
         build_tiny(path)
     return str(path)

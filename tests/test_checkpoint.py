@@ -4,20 +4,17 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen3vl_epd.checkpoint import (
-    LM_HEAD_PREFIX,
-    TEXT_PREFIX,
-    VISION_PREFIX,
-    CheckpointReader,
-    build_tiny,
-    load_config,
-)
+from qwen3vl_epd.checkpoint import LM_HEAD_PREFIX, TEXT_PREFIX, VISION_PREFIX, CheckpointReader, load_config
 from qwen3vl_epd.encoder import VisionEncoder
 from qwen3vl_epd.language import LanguageModel
+from qwen3vl_epd.tiny_checkpoint import build_tiny
+
+pytestmark = pytest.mark.unit
 
 
 def test_config_has_real_token_ids_and_architecture(checkpoint):

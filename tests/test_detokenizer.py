@@ -1,6 +1,10 @@
 """Incremental detokenization: pieces add up to the full decode; stop strings cut exactly."""
 
+import pytest
+
 from qwen3vl_epd.detokenizer import Detokenizer
+
+pytestmark = pytest.mark.unit
 
 
 def test_pieces_add_up_to_full_decode(processor):

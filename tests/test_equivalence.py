@@ -2,22 +2,20 @@
 
 import pytest
 import torch
-from conftest import TOL, image_bytes
+from fixtures import IMAGE_TOKEN_ID, TOL, prompt_inputs
 from reference import reference_greedy, reference_logits
 
 from qwen3vl_epd.sampling import SamplingParams
 
-CASES = {
-    "text_only": ("Tell me a story about a lighthouse.", []),
-    "one_image": ("Describe this image.", ["landscape_640x480.jpg"]),
-    "two_images_different_sizes": ("Compare these two pictures.", ["portrait_300x500.png", "small_64x64.webp"]),
-    "image_mid_text": ("Here is a photo <image> and what do you see in it?", ["exif_rotated.jpg"]),
-}
+pytestmark = pytest.mark.unit
+
+# text only, one image, two images of different sizes, an image in the middle of the text
+CASES = ["lighthouse", "landscape", "two_unmarked", "exif_mid_text"]
 
 
 @pytest.fixture(scope="module")
 def prompts(processor):
-    return {k: processor.process(t, [image_bytes(i) for i in ims]) for k, (t, ims) in CASES.items()}
+    return {k: processor.process(*prompt_inputs(k)) for k in CASES}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +28,7 @@ def test_halves_match_transformers(case, prompts, references, encoder, language)
     prompt = prompts[case]
     ref_logits, ref_tokens = references[case]
     encoded = encoder.encode([prompt])[0]
-    assert encoded.num_visual == int((prompt.fill_ids == 151655).sum())
+    assert encoded.num_visual == int((prompt.fill_ids == IMAGE_TOKEN_ID).sum())
     out = language.generate(encoded, SamplingParams(max_tokens=32), return_logits=True)
     diff = (out.prompt_logits - ref_logits).abs().max().item()
     print(f"{case}: L={encoded.length} V={encoded.num_visual} max|dlogit|={diff:.3g}")
@@ -38,7 +36,7 @@ def test_halves_match_transformers(case, prompts, references, encoder, language)
     assert out.tokens == ref_tokens
 
 
-@pytest.mark.parametrize("case", ["one_image", "two_images_different_sizes", "image_mid_text"])
+@pytest.mark.parametrize("case", ["landscape", "two_unmarked", "exif_mid_text"])
 def test_chunked_prefill_matches(case, prompts, references, encoder, language):
     """Prefill in chunks that cut through images: every chunk must carry its own DeepStack rows."""
     ref_logits, ref_tokens = references[case]
@@ -51,7 +49,7 @@ def test_chunked_prefill_matches(case, prompts, references, encoder, language):
 
 def test_packed_batch_equals_one_by_one(prompts, encoder):
     """One vision forward over several prompts gives each prompt exactly its own rows."""
-    order = ["two_images_different_sizes", "text_only", "one_image", "image_mid_text"]
+    order = ["two_unmarked", "lighthouse", "landscape", "exif_mid_text"]
     batched = encoder.encode([prompts[k] for k in order])
     for key, b in zip(order, batched):
         alone = encoder.encode([prompts[key]])[0]
@@ -64,26 +62,26 @@ def test_packed_batch_equals_one_by_one(prompts, encoder):
 
 def test_dropping_deepstack_breaks_equivalence(prompts, references, encoder, language):
     """Control: the comparison is sharp enough to see a missing DeepStack."""
-    encoded = encoder.encode([prompts["one_image"]])[0]
+    encoded = encoder.encode([prompts["landscape"]])[0]
     encoded.deepstack = torch.zeros_like(encoded.deepstack)
     out = language.generate(encoded, SamplingParams(max_tokens=1), return_logits=True)
-    assert (out.prompt_logits - references["one_image"][0]).abs().max().item() > 100 * TOL
+    assert (out.prompt_logits - references["landscape"][0]).abs().max().item() > 100 * TOL
 
 
 def test_dropping_deepstack_after_first_chunk_breaks_equivalence(prompts, references, encoder, language):
     """Control for the seed's bug: DeepStack only in the first chunk must be caught."""
-    encoded = encoder.encode([prompts["one_image"]])[0]
+    encoded = encoder.encode([prompts["landscape"]])[0]
     first_image_token = encoded.image_spans[0][0]
     chunk = first_image_token + 16  # the first chunk holds only part of the image
     keep = encoded.visual_rows_before(chunk)
     encoded.deepstack = encoded.deepstack.clone()
     encoded.deepstack[keep:] = 0
     out = language.generate(encoded, SamplingParams(max_tokens=1), chunk_size=chunk, return_logits=True)
-    assert (out.prompt_logits - references["one_image"][0]).abs().max().item() > 100 * TOL
+    assert (out.prompt_logits - references["landscape"][0]).abs().max().item() > 100 * TOL
 
 
 def test_seeded_sampling_is_reproducible(prompts, encoder, language):
-    encoded = encoder.encode([prompts["one_image"]])[0]
+    encoded = encoder.encode([prompts["landscape"]])[0]
     params = SamplingParams(max_tokens=16, temperature=0.9, top_k=50, top_p=0.9, seed=1234)
     a = language.generate(encoded, params).tokens
     b = language.generate(encoded, params).tokens

@@ -5,7 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from conftest import image_bytes
+from fixtures import ACCEPTED, REJECTED, image_bytes
 from PIL import Image
 
 from qwen3vl_epd.errors import (
@@ -17,17 +17,14 @@ from qwen3vl_epd.errors import (
 )
 from qwen3vl_epd.processor import VISION_PLACEHOLDER, Limits, Processor, decode_image
 
-ACCEPTED = [
-    "landscape_640x480.jpg", "portrait_300x500.png", "small_64x64.webp", "rgba_translucent.png",
-    "grayscale.png", "palette.png", "cmyk.jpg", "gray16.png", "exif_rotated.jpg", "one_pixel.png",
-    "animated.webp",
-]
-REJECTED = {
-    "extreme_aspect_4000x10.png": (ImageTooLargeError, "aspect ratio limit (200)"),
-    "truncated.jpg": (ImageDecodeError, "cannot decode image"),
-    "not_an_image.jpg": (ImageDecodeError, "cannot decode image"),
-    "empty.png": (ImageDecodeError, "cannot decode image"),
-    "bomb_40000x40000.png": (ImageTooLargeError, "over the pixel limit"),
+pytestmark = pytest.mark.unit
+
+ERROR_TYPES = {
+    "extreme_aspect_4000x10.png": ImageTooLargeError,
+    "truncated.jpg": ImageDecodeError,
+    "not_an_image.jpg": ImageDecodeError,
+    "empty.png": ImageDecodeError,
+    "bomb_40000x40000.png": ImageTooLargeError,
 }
 
 
@@ -55,7 +52,7 @@ def test_conversions_to_rgb():
 
 @pytest.mark.parametrize("name", REJECTED)
 def test_rejected_images_name_the_index(processor, name):
-    err_type, text = REJECTED[name]
+    err_type, text = ERROR_TYPES[name], REJECTED[name]
     images = [image_bytes("small_64x64.webp"), image_bytes(name)]
     with pytest.raises(err_type) as e:
         processor.process("Two images", images)

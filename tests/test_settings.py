@@ -8,6 +8,8 @@ import torch
 
 from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, Settings, pbtxt_parameters
 
+pytestmark = pytest.mark.unit
+
 REPO = Path(__file__).resolve().parents[1] / "model_repository"
 
 

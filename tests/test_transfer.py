@@ -8,9 +8,12 @@ import pytest
 import torch
 from peers import EncoderPeer, synthetic_prompt
 
-from qwen3vl_epd.buffers import BlockAllocator, BlockError, BufferConfig, MultimodalDataBuffers
+from qwen3vl_epd.block_allocator import blocks_for
+from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.errors import HandleError, HandleExpiredError, PeerError, PoolFullError
 from qwen3vl_epd.transfer import Handle, MooncakeTransport, Puller
+
+pytestmark = pytest.mark.mooncake
 
 H = 64
 ENC_BUFFERS = dict(block_tokens=16, block_visual=16, num_token_blocks=512, num_visual_blocks=256, num_slots=48)
@@ -62,7 +65,7 @@ def test_round_trip_bit_exact(peer, puller, length, visual, images):
     handle = peer.stage(7, length, visual, images)
     before = puller.stats.bytes_read
     with puller.open(handle) as session:
-        assert session.num_chunks == -(-length // CHUNK)
+        assert session.num_chunks == blocks_for(length, CHUNK)
         got = session.read_all()
     assert_same(got, synthetic_prompt(7, length, visual, H, d, images))
     row = 4 + 12
@@ -84,8 +87,8 @@ def test_three_chunks_each_carry_their_own_rows(peer, puller):
             visual_per_chunk.append(chunk.num_visual)
             # local multimodal memory is one chunk's blocks, whatever the prompt length
             used = puller.buffers.in_use()
-            assert used["token_blocks"] <= -(-CHUNK // cfg.block_tokens)
-            assert used["visual_blocks"] <= -(-CHUNK // cfg.block_visual)
+            assert used["token_blocks"] <= blocks_for(CHUNK, cfg.block_tokens)
+            assert used["visual_blocks"] <= blocks_for(CHUNK, cfg.block_visual)
     assert len(visual_per_chunk) == 4 and sum(v > 0 for v in visual_per_chunk) >= 3
     assert zero(puller.buffers.in_use())
 
@@ -200,33 +203,6 @@ def test_encoder_killed_mid_pull(transport):
     finally:
         puller.close()
         peer.close()
-
-
-def test_block_allocator_errors():
-    pool = BlockAllocator("visual blocks", 4)
-    ids = pool.allocate(3)
-    assert pool.allocate(2) is None and pool.in_use() == 3
-    pool.free(ids[:1])
-    with pytest.raises(BlockError, match="double free"):
-        pool.free(ids[:1])
-    with pytest.raises(BlockError, match="not a block of this pool"):
-        pool.free([17])
-    pool.free(ids[1:])
-    assert pool.in_use() == 0
-
-
-def test_buffers_scale_with_visual_rows_and_scatter_gather():
-    b = MultimodalDataBuffers(H, 3, torch.float32, BufferConfig(block_tokens=16, block_visual=16))
-    p = synthetic_prompt(11, 300, 20, H, 3, 2)
-    slot, tok, vis = b.allocate(p.length, p.num_visual)
-    assert (len(tok), len(vis)) == (19, 2)  # visual memory follows V (20 rows), not L (300)
-    b.scatter(tok, vis, p.fill_ids, p.mrope_positions, p.embeddings, p.deepstack)
-    fill, mrope, emb, ds = b.gather(tok, vis, p.length, p.num_visual)
-    assert torch.equal(fill, p.fill_ids) and torch.equal(mrope, p.mrope_positions)
-    assert torch.equal(emb, p.embeddings) and torch.equal(ds, p.deepstack)
-    b.free(slot, tok, vis)
-    assert zero(b.in_use())
-    assert "deepstack" not in MultimodalDataBuffers(H, 0, torch.float32).regions()
 
 
 def test_handle_codec_round_trip(peer):

@@ -2,25 +2,22 @@
 
 import json
 import subprocess
-from pathlib import Path
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IMAGES, ROOT, image_bytes
-from test_processor import ACCEPTED
+from fixtures import ACCEPTED, IMAGES, REJECTED, ROOT, image_bytes, language_request_inputs, prompt_inputs
 from reference import reference_greedy
 from tritonserver import TritonServer
 
 from client import RequestError, generate, text_of
 
+pytestmark = pytest.mark.triton
+
 MAX_TOKENS = 16
-CASES = {
-    "text_only": ("Tell me about the sea.", []),
-    "one_image": ("Describe this image.", ["landscape_640x480.jpg"]),
-    "two_images": ("Compare <image> with <image>.", ["portrait_300x500.png", "small_64x64.webp"]),
-}
+CASES = ["sea", "landscape", "two_marked_with"]  # text only, one image, two images
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +31,8 @@ def server(tmp_path_factory, checkpoint):
 def expected(processor, reference):
     """Per case: (text, number of tokens) of transformers' greedy generate."""
     out = {}
-    for case, (text, names) in CASES.items():
-        tokens = reference_greedy(reference, processor.process(text, [image_bytes(n) for n in names]), MAX_TOKENS)
+    for case in CASES:
+        tokens = reference_greedy(reference, processor.process(*prompt_inputs(case)), MAX_TOKENS)
         out[case] = (processor.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens))
     return out
 
@@ -64,9 +61,8 @@ def assert_pools_empty(server, timeout=5.0):
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("case", CASES)
 def test_ensemble_equals_transformers(server, expected, case, protocol, stream):
-    text, names = CASES[case]
-    responses = list(generate(url(server, protocol), text, [image_bytes(n) for n in names], protocol, stream,
-                              max_tokens=MAX_TOKENS))
+    text, images = prompt_inputs(case)
+    responses = list(generate(url(server, protocol), text, images, protocol, stream, max_tokens=MAX_TOKENS))
     want_text, want_n = expected[case]
     got_text, last = text_of(iter(responses))
     assert got_text == want_text
@@ -79,9 +75,9 @@ def test_ensemble_equals_transformers(server, expected, case, protocol, stream):
 
 
 def test_stop_string_and_sampling_fields(server, expected):
-    want_text, _ = expected["text_only"]
+    want_text, _ = expected["sea"]
     stop = want_text[3:6]
-    text, last = text_of(generate(server.grpc_url, CASES["text_only"][0], stream=True, max_tokens=MAX_TOKENS,
+    text, last = text_of(generate(server.grpc_url, prompt_inputs("sea")[0], stream=True, max_tokens=MAX_TOKENS,
                                   stop=[stop]))
     assert last.finish_reason == "stop" and text == want_text[: want_text.index(stop)]
     seeded = dict(max_tokens=8, temperature=0.8, top_p=0.9, top_k=40, seed=7)
@@ -98,15 +94,6 @@ BAD_FIELDS = [
     (dict(top_p=1.5), "top_p: 1.5 must be in (0, 1]"),
     (dict(top_k=-1), "top_k: -1 must be >= 0"),
 ]
-REJECTED_IMAGES = {
-    "extreme_aspect_4000x10.png": "aspect ratio limit (200)",
-    "truncated.jpg": "cannot decode image",
-    "not_an_image.jpg": "cannot decode image",
-    "empty.png": "cannot decode image",
-    "bomb_40000x40000.png": "over the pixel limit of 50000000",
-}
-
-
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_bad_inputs_are_invalid_arg_and_lose_nothing(server, protocol):
     u = url(server, protocol)
@@ -120,7 +107,7 @@ def test_bad_inputs_are_invalid_arg_and_lose_nothing(server, protocol):
 
     for fields, message in BAD_FIELDS:
         assert message in rejected("Hello", [image_bytes("small_64x64.webp")], **fields)
-    for name, message in REJECTED_IMAGES.items():
+    for name, message in REJECTED.items():
         got = rejected("Look", [image_bytes("small_64x64.webp"), image_bytes(name)])
         assert "image 1:" in got and message in got, got
     assert "10 images is over the limit of 8 per prompt" in rejected("x", [image_bytes("small_64x64.webp")] * 10)
@@ -197,13 +184,13 @@ def test_forged_and_malformed_handles_sent_to_language(server):
 
 
 def test_16_concurrent_requests(server, expected):
-    jobs = [list(CASES)[i % len(CASES)] for i in range(16)]
+    jobs = [CASES[i % len(CASES)] for i in range(16)]
 
     def run(i_case):
         i, case = i_case
-        text, names = CASES[case]
+        text, images = prompt_inputs(case)
         protocol = "grpc" if i % 2 else "http"
-        return text_of(generate(url(server, protocol), text, [image_bytes(n) for n in names], protocol,
+        return text_of(generate(url(server, protocol), text, images, protocol,
                                 stream=bool(i % 3), max_tokens=MAX_TOKENS))[0]
 
     with ThreadPoolExecutor(16) as pool:
@@ -224,22 +211,6 @@ def test_perf_analyzer_streaming_grpc(server, tmp_path):
     assert "Successful request count: 8" in result.stdout
 
 
-def _language_request(server, handle: bytes, **fields):
-    """A long stream sent straight to the decoupled language model (ensembles, in tritonserver 2.51,
-    pass a cancellation on only between steps, so a running last step never sees it)."""
-    import tritonclient.grpc as grpcclient
-
-    inputs = []
-    for name, (dtype, value) in {"handle": ("BYTES", np.array([[handle]], dtype=np.object_)),
-                                 "stream": ("BOOL", np.array([[True]])),
-                                 "max_tokens": ("INT32", np.array([[4000]], dtype=np.int32)),
-                                 "ignore_eos": ("BOOL", np.array([[True]]))}.items():
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        inputs.append(t)
-    return inputs
-
-
 def _cancel_stream(server):
     import queue
 
@@ -248,7 +219,7 @@ def _cancel_stream(server):
     results = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("language", _language_request(server, _encoder_handle(server)))
+    client.async_stream_infer("language", language_request_inputs(_encoder_handle(server)))
     for _ in range(2):
         result, error = results.get(timeout=60)
         assert error is None
@@ -261,10 +232,10 @@ def _kill_client(server):
     script = (
         "import sys, time, queue, numpy as np, tritonclient.grpc as g\n"
         "sys.path.insert(0, 'tests')\n"
-        "from test_triton import _language_request\n"
+        "from fixtures import language_request_inputs\n"
         "q = queue.Queue(); c = g.InferenceServerClient(sys.argv[1])\n"
         "c.start_stream(callback=lambda result, error: q.put(error))\n"
-        "c.async_stream_infer('language', _language_request(None, sys.argv[2].encode()))\n"
+        "c.async_stream_infer('language', language_request_inputs(sys.argv[2].encode()))\n"
         "q.get(); print('streaming', flush=True); time.sleep(600)\n")
     cli = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", script, server.grpc_url,
                             _encoder_handle(server).decode()], cwd=ROOT, stdout=subprocess.PIPE)
@@ -342,11 +313,10 @@ def _complete(server, text, images=(), **fields):
 
 
 def test_http_infer_on_complete(server, expected):
-    text, names = CASES["one_image"]
-    out, error = _complete(server, text, [image_bytes(n) for n in names], max_tokens=MAX_TOKENS)
+    out, error = _complete(server, *prompt_inputs("landscape"), max_tokens=MAX_TOKENS)
     assert error is None
-    assert out["text_output"].decode() == expected["one_image"][0]
-    assert out["num_output_tokens"] == expected["one_image"][1]
+    assert out["text_output"].decode() == expected["landscape"][0]
+    assert out["num_output_tokens"] == expected["landscape"][1]
     _, error = _complete(server, "Hi", max_tokens=0)
     assert error[0] == "400" and "max_tokens: 0 is outside 1..4096" in error[1]
     _, error = _complete(server, "Hi", [image_bytes("truncated.jpg")])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TOL, image_bytes
+from fixtures import TOL, prompt_inputs
 from peers import EncoderPeer
 from reference import reference_greedy, reference_logits
 
@@ -10,12 +10,10 @@ from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.sampling import SamplingParams
 from qwen3vl_epd.transfer import MooncakeTransport, Puller
 
-CASES = {
-    "text_only": ("Write a haiku about rain.", []),
-    "one_image": ("Describe this image.", ["landscape_640x480.jpg"]),
-    "two_images": ("What differs between <image> and <image>?", ["portrait_300x500.png", "cmyk.jpg"]),
-}
-CHUNK = 96  # two_images is 225 tokens: three chunks, both images cut across chunk boundaries
+pytestmark = pytest.mark.mooncake
+
+CASES = ["haiku", "landscape", "two_differ"]  # text only, one image, two images
+CHUNK = 96  # two_differ is 225 tokens: three chunks, both images cut across chunk boundaries
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +34,7 @@ def puller():
 
 @pytest.mark.parametrize("case", CASES)
 def test_through_the_wire(case, encoder_peer, puller, processor, reference, language):
-    text, names = CASES[case]
-    images = [image_bytes(n) for n in names]
+    text, images = prompt_inputs(case)
     prompt = processor.process(text, images)
     ref_logits, ref_tokens = reference_logits(reference, prompt), reference_greedy(reference, prompt, 32)
     handle = encoder_peer.call("prompt", text, images)
@@ -54,7 +51,7 @@ def test_through_the_wire(case, encoder_peer, puller, processor, reference, lang
     print(f"{case}: L={prompt.fill_ids.numel()} chunks={len(chunks)} max|dlogit|={diff:.3g}")
     assert diff <= TOL
     assert out.tokens == ref_tokens
-    if case == "two_images":
+    if case == "two_differ":
         assert len(chunks) >= 3 and sum(c.num_visual > 0 for c in chunks) >= 3
     assert all(v == 0 for v in puller.buffers.in_use().values())
     encoder_peer.call("reclaim", 0)

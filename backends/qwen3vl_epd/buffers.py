@@ -1,67 +1,16 @@
-"""Block allocator and MultimodalDataBuffers: the five per-request buffers in pre-allocated memory."""
+"""MultimodalDataBuffers: the five per-request buffers in pre-allocated, block-allocated memory."""
 
 from __future__ import annotations
 
-import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
-from .errors import EpdError
+from .block_allocator import BlockAllocator, blocks_for
+from .errors import PoolFullError
 
 AUX_WIDTH = 16  # int64 fields per aux row (DESIGN §3)
-
-
-class BlockError(EpdError):
-    """A block id that is not in use (double free) or not of this pool."""
-
-
-class BlockAllocator:
-    """Hands out block ids of one fixed-size pool, first fit; thread-safe."""
-
-    def __init__(self, name: str, num_blocks: int):
-        self.name, self.num_blocks = name, num_blocks
-        self._free = set(range(num_blocks))
-        self._used: set[int] = set()
-        self._lock = threading.Lock()
-
-    def allocate(self, n: int) -> list[int] | None:
-        """n block ids, or None when fewer than n are free (the caller decides how to wait).
-
-        Prefers the lowest run of n consecutive blocks: one run is one transfer entry and a
-        view instead of a copy on the reading side."""
-        with self._lock:
-            if n > len(self._free):
-                return None
-            ids = _first_run(sorted(self._free), n)
-            self._free.difference_update(ids)
-            self._used.update(ids)
-            return ids
-
-    def free(self, ids: list[int]) -> None:
-        with self._lock:
-            for i in ids:
-                if not (isinstance(i, int) and 0 <= i < self.num_blocks):
-                    raise BlockError(f"{self.name}: block {i!r} is not a block of this pool")
-                if i not in self._used:
-                    raise BlockError(f"{self.name}: block {i} is not in use (double free)")
-            self._used.difference_update(ids)
-            self._free.update(ids)
-
-    def in_use(self) -> int:
-        with self._lock:
-            return len(self._used)
-
-
-def _first_run(free: list[int], n: int) -> list[int]:
-    """The lowest n consecutive ids in the sorted free list, else its lowest n."""
-    run_start = 0
-    for i in range(len(free)):
-        if i and free[i] != free[i - 1] + 1:
-            run_start = i
-        if i - run_start + 1 == n:
-            return free[run_start : i + 1]
-    return free[:n]
 
 
 @dataclass
@@ -73,10 +22,6 @@ class BufferConfig:
     num_token_blocks: int = 512
     num_visual_blocks: int = 256
     num_slots: int = 64
-
-
-def blocks_for(rows: int, block_rows: int) -> int:
-    return -(-rows // block_rows)
 
 
 class MultimodalDataBuffers:
@@ -148,6 +93,22 @@ class MultimodalDataBuffers:
             taken.append(ids)
         slots, tok, vis = taken
         return (slots[0] if slots else None), tok, vis
+
+    def allocate_waiting(self, tokens: int, visual: int, slot: bool, wait_s: float, who: str,
+                         before_retry=None) -> tuple[int | None, list, list]:
+        """Back-pressure: `allocate`, retried for up to wait_s (calling before_retry), then PoolFullError."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            got = self.allocate(tokens, visual, slot)
+            if got is not None:
+                return got
+            if time.monotonic() >= deadline:
+                raise PoolFullError(
+                    f"{who} buffers full: need {tokens} token rows and {visual} visual rows, "
+                    f"in use {self.in_use()}, waited {wait_s:g} s")
+            if before_retry is not None:
+                before_retry()
+            time.sleep(0.002)
 
     def free(self, slot: int | None, token_blocks: list[int], visual_blocks: list[int]) -> None:
         self.token_pool.free(token_blocks)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTex
 
 from .checkpoint import LM_HEAD_PREFIX, TEXT_PREFIX, CheckpointReader, load_config, materialize
 from .encoder import EncodedPrompt
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, finish_reason
 
 
 class KVCache:
@@ -47,12 +48,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return o[0].transpose(0, 1).reshape(n, -1)
 
 
-@dataclass
-class Chunk:
-    """A run of tokens inside a flat forward batch; `cache.attend` stores their keys and values
-    and computes their attention (one sequence's chunk, or one token each of many sequences)."""
+class Attention(Protocol):
+    """Stores a segment's keys and values and computes its attention: [n, heads * head_dim]."""
 
-    cache: KVCache
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        ...
+
+
+@dataclass
+class Segment:
+    """A run of tokens inside a flat forward batch with the attention they use: one sequence's
+    prompt chunk, or one decode token each of many sequences."""
+
+    attention: Attention
     num_tokens: int
 
 
@@ -113,16 +121,16 @@ class LanguageModel:
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        chunks: list[Chunk],
+        segments: list[Segment],
         visual_index: torch.Tensor | None = None,
         deepstack: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Flat batch: embeds [N, H], positions [3, N], chunks in order; returns logits at logits_index."""
+        """Flat batch: embeds [N, H], positions [3, N], segments in order; returns logits at logits_index."""
         x = embeds.to(self.dtype)
         cos, sin = self.model.rotary_emb(x, positions.to(self.device, torch.long)[:, None, :])
         for i, layer in enumerate(self.model.layers):
-            x = x + self._attention(layer, i, layer.input_layernorm(x), cos, sin, chunks)
+            x = x + self._attention(layer, i, layer.input_layernorm(x), cos, sin, segments)
             x = x + layer.mlp(layer.post_attention_layernorm(x)[None])[0]
             if deepstack is not None and i < self.num_deepstack and visual_index.numel():
                 h = self.hidden_size
@@ -130,7 +138,7 @@ class LanguageModel:
         x = self.model.norm(x if logits_index is None else x[logits_index])
         return self.lm_head(x)
 
-    def _attention(self, layer, layer_idx, h, cos, sin, chunks) -> torch.Tensor:
+    def _attention(self, layer, layer_idx, h, cos, sin, segments) -> torch.Tensor:
         attn = layer.self_attn
         n, hd = h.shape[0], attn.head_dim
         q = attn.q_norm(attn.q_proj(h).view(n, -1, hd)).transpose(0, 1)[None]
@@ -138,10 +146,10 @@ class LanguageModel:
         v = attn.v_proj(h).view(n, -1, hd).transpose(0, 1)[None]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         out, start = [], 0
-        for c in chunks:
-            end = start + c.num_tokens
+        for seg in segments:
+            end = start + seg.num_tokens
             part = slice(start, end)
-            out.append(c.cache.attend(layer_idx, q[:, :, part], k[:, :, part], v[:, :, part], attn.scaling))
+            out.append(seg.attention.attend(layer_idx, q[:, :, part], k[:, :, part], v[:, :, part], attn.scaling))
             start = end
         return attn.o_proj(torch.cat(out))
 
@@ -152,7 +160,7 @@ class LanguageModel:
         return self.forward(
             embeds,
             prompt.mrope_positions.T,
-            [Chunk(cache, n)],
+            [Segment(cache, n)],
             visual_index,
             prompt.deepstack if self.num_deepstack else None,
             None if all_logits else torch.tensor([n - 1]),
@@ -162,7 +170,7 @@ class LanguageModel:
         """One token at M-RoPE position `position` on all three axes; logits [1, vocab]."""
         ids = torch.tensor([token], device=self.device)
         pos = torch.full((3, 1), position, dtype=torch.long)
-        return self.forward(self.model.embed_tokens(ids), pos, [Chunk(cache, 1)])
+        return self.forward(self.model.embed_tokens(ids), pos, [Segment(cache, 1)])
 
     def stream(
         self,
@@ -187,7 +195,7 @@ class LanguageModel:
                 record.step_logits.append(logits)
             token = sampler(logits)
             yield token
-            if n == params.max_tokens or (token in self.eos_ids and not params.ignore_eos):
+            if finish_reason(params, token in self.eos_ids, n):
                 return
             logits = self.decode_step(token, length + n - 1 + delta, cache)[0]
 
@@ -202,6 +210,6 @@ class LanguageModel:
         params = params or SamplingParams()
         result = Generation([], "length")
         result.tokens = list(self.stream(prompt, params, chunk_size, result if return_logits else None))
-        if result.tokens and result.tokens[-1] in self.eos_ids and not params.ignore_eos:
-            result.finish_reason = "stop"
+        if result.tokens:
+            result.finish_reason = finish_reason(params, result.tokens[-1] in self.eos_ids, len(result.tokens))
         return result

@@ -48,6 +48,16 @@ def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=N
     ).validate(max_tokens_limit)
 
 
+def finish_reason(params: SamplingParams, eos: bool, num_tokens: int, stop_string: bool = False) -> str | None:
+    """The finish rule, after a sequence's num_tokens-th output token: "stop" for EOS (unless
+    ignore_eos) or a stop string, "length" at max_tokens, else None (it goes on)."""
+    if (eos and not params.ignore_eos) or stop_string:
+        return "stop"
+    if num_tokens >= params.max_tokens:
+        return "length"
+    return None
+
+
 class Sampler:
     """Picks the next token of one sequence; its generator makes seeded runs reproducible."""
 

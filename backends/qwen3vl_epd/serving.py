@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 from transformers import AutoTokenizer
 
+from .block_allocator import blocks_for
 from .buffers import BufferConfig, MultimodalDataBuffers
 from .checkpoint import load_config
+from .engine.config import EngineConfig
 from .engine.engine import Engine
 from .engine.sequence import Piece
 from .encoder import VisionEncoder
@@ -112,14 +114,12 @@ class LanguageService:
         # Local multimodal memory: the prompt chunks of one step, twice over for fragmentation.
         rows = max(s.chunk_tokens, s.max_batched_tokens)
         self.buffers = _buffers(s, self.model.hidden_size, self.model.num_deepstack, self.model.dtype,
-                                num_token_blocks=-(-rows // s.block_tokens) * 2,
-                                num_visual_blocks=-(-rows // s.block_visual) * 2,
+                                num_token_blocks=blocks_for(rows, s.block_tokens) * 2,
+                                num_visual_blocks=blocks_for(rows, s.block_visual) * 2,
                                 num_slots=s.max_queued_requests)
         self.puller = Puller(self.buffers, _transport(s), s.chunk_tokens,
                              set(s.allowed_encoder_hosts) or None, s.alloc_wait_s)
-        self.engine = Engine(self.model, self.puller, self.tokenizer, s.kv_cache_tokens, s.kv_block_size,
-                             s.max_batched_tokens, s.max_running, s.max_model_len, on_step,
-                             s.cancel_check_ms / 1000)
+        self.engine = Engine(self.model, self.puller, self.tokenizer, EngineConfig.from_settings(s), on_step)
 
     def sampling(self, **fields) -> SamplingParams:
         """Request fields (absent: None) → validated SamplingParams."""

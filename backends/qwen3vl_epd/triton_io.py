@@ -1,11 +1,15 @@
-"""Plain helpers for the Triton adapters: input arrays → Python values, errors → Triton codes.
-(pb_utils itself is imported only under model_repository/.)"""
+"""The Triton interface's names, and request arrays → Python values; plain numpy, testable without
+Triton (the pb_utils side is triton_adapter.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .errors import EpdError
+
+PROMPT_INPUTS = ("text_input", "image", "raw_prompt")
+SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop")
+OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
 
 
 def first(array: np.ndarray | None, kind=None):
@@ -32,7 +36,6 @@ def error_code(exc: BaseException) -> str:
 
 def sampling_fields(get) -> dict:
     """The optional sampling inputs of a request; `get(name)` returns an input array or None."""
-    names = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos")
-    fields = {name: first(get(name)) for name in names}
+    fields = {name: first(get(name)) for name in SAMPLING_INPUTS if name != "stop"}
     fields["stop"] = [s.decode(errors="replace") for s in byte_items(get("stop"))]
     return fields

@@ -1,4 +1,4 @@
-"""Engine: continuous batching on its own thread; pulls each prompt chunk just before it runs."""
+"""Engine: continuous batching on its own thread; each step is schedule → pull → run → postprocess."""
 
 from __future__ import annotations
 
@@ -6,34 +6,33 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..block_allocator import blocks_for
 from ..detokenizer import Detokenizer
 from ..errors import EpdError, HandleError, InvalidInputError, UnavailableError
 from ..language import LanguageModel
 from ..sampling import SamplingParams
 from ..transfer import Puller
+from .config import EngineConfig
 from .kv_cache import PagedKVCache
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PreparedChunk
 from .scheduler import Scheduler
-from .sequence import Piece, Sequence, Status
+from .sequence import Piece, Sequence
 
 
 class Engine:
     """submit() from any thread; the loop thread schedules, pulls, runs, samples and emits."""
 
-    def __init__(self, model: LanguageModel, puller: Puller, tokenizer, kv_cache_tokens: int = 65536,
-                 kv_block_size: int = 16, max_batched_tokens: int = 2048, max_running: int = 256,
-                 max_model_len: int = 32768, on_step: Callable[[], None] = lambda: None,
-                 cancel_check_s: float = 0.02):
+    def __init__(self, model: LanguageModel, puller: Puller, tokenizer, config: EngineConfig = EngineConfig(),
+                 on_step: Callable[[], None] = lambda: None):
         tc = model.config.text_config
-        blocks = -(-kv_cache_tokens // kv_block_size)
-        self.kv = PagedKVCache(tc.num_hidden_layers, blocks, kv_block_size, tc.num_key_value_heads, tc.head_dim,
-                               model.dtype, model.device)
+        self.config = config
+        self.kv = PagedKVCache(tc.num_hidden_layers, blocks_for(config.kv_cache_tokens, config.kv_block_size),
+                               config.kv_block_size, tc.num_key_value_heads, tc.head_dim, model.dtype, model.device)
         self.model, self.puller, self.tokenizer = model, puller, tokenizer
-        self.scheduler = Scheduler(self.kv, max(max_batched_tokens, 1), max_running)
+        self.scheduler = Scheduler(self.kv, config, model.eos_ids)
         self.runner = ModelRunner(model)
-        self.max_model_len = max_model_len
         self.on_step = on_step  # after every step, on the engine thread (metrics)
-        self.cancel_check_s, self._cancel_checked = cancel_check_s, 0.0
+        self._cancel_checked = 0.0
         self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
         self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
         self._inbox: list[Sequence] = []
@@ -46,25 +45,25 @@ class Engine:
                cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
         """Validate the handle (EpdError here, before anything is queued) and queue the request."""
         session = self.puller.open(handle)
+        length, limit = session.handle.length, self.config.max_model_len
         try:
             if self._stopping:
                 raise UnavailableError("language model is shutting down")
-            room = self.max_model_len - session.handle.length
-            if room <= 0:
-                raise InvalidInputError(f"prompt is {session.handle.length} tokens, over the max model length "
-                                        f"of {self.max_model_len}")
-            params.max_tokens = min(params.max_tokens, room)
-            need = self.kv.blocks_for(session.handle.length + params.max_tokens)
+            if length >= limit:
+                raise InvalidInputError(f"prompt is {length} tokens, over the max model length of {limit}")
+            params.max_tokens = min(params.max_tokens, limit - length)
+            need = blocks_for(length + params.max_tokens, self.kv.block_size)
             if need > self.kv.num_blocks:
                 raise InvalidInputError(
-                    f"max_tokens: prompt ({session.handle.length}) + max_tokens ({params.max_tokens}) needs "
+                    f"max_tokens: prompt ({length}) + max_tokens ({params.max_tokens}) needs "
                     f"{need * self.kv.block_size} KV tokens, over the KV cache capacity of "
                     f"{self.kv.num_blocks * self.kv.block_size}")
         except EpdError:
             session.close()
             raise
-        seq = Sequence(session, params, Detokenizer(self.tokenizer, params.stop), emit, cancelled,
-                       time.perf_counter() if arrived is None else arrived, self.puller.chunk_tokens)
+        seq = Sequence(params, length, session.handle.mrope_delta, self.puller.chunk_tokens,
+                       Detokenizer(self.tokenizer, params.stop), session, emit, cancelled,
+                       time.perf_counter() if arrived is None else arrived)
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
@@ -94,22 +93,18 @@ class Engine:
             self.on_step()
 
     def step(self) -> None:
-        """One forward of prompt chunks and decode tokens, then the cancellation check."""
-        self._run_batch()
-        now = time.monotonic()
-        if now - self._cancel_checked >= self.cancel_check_s:
-            # is_cancelled() is a round trip to the server process: not for every sequence every
-            # step, and after the forward, so that a new request's first token never waits on it.
-            self._cancel_checked = now
-            for seq in self.scheduler.all():
-                if seq.cancelled():
-                    self._finish(seq, "cancelled")
-
-    def _run_batch(self) -> None:
+        """schedule → pull → run → postprocess, then the cancellation check."""
         prefills, decodes = self.scheduler.schedule()
         if not prefills and not decodes:
             time.sleep(0.001)  # everything waits for KV held by sequences being cancelled
-            return
+        else:
+            chunks = self._pull(prefills)
+            if chunks or decodes:
+                self._run(chunks, decodes)
+        self._check_cancelled()
+
+    def _pull(self, prefills: list[Sequence]) -> list[PreparedChunk]:
+        """Each prefill's next prompt chunk, read and embedded; a failure ends only its own sequence."""
         chunks = []
         for seq in prefills:
             try:
@@ -118,46 +113,36 @@ class Engine:
                 self._finish(seq, None, HandleError(f"{seq.session.handle.name}: chunk {seq.next_chunk}: {e}"))
             except EpdError as e:
                 self._finish(seq, None, e)
-        if not chunks and not decodes:
-            return
-        sampling, logits = self.runner.run(chunks, decodes)
+        return chunks
+
+    def _run(self, chunks: list[PreparedChunk], decodes: list[Sequence]) -> None:
+        sampled, logits = self.runner.run(chunks, decodes)
         self.steps += 1
         self.mixed_steps += bool(chunks and decodes)
-        for seq in (p.seq for p in chunks):
-            seq.session.release_chunk()
-            seq.next_chunk += 1
-            if seq.next_chunk == seq.num_chunks:
-                seq.session.close()  # prompt done: the encoder may reuse its blocks now
-                seq.status = Status.DECODE
         # Greedy rows in one argmax; sampled rows each with their own seeded generator.
         greedy = logits.argmax(-1).tolist()
-        for i, seq in enumerate(sampling):
-            self._append(seq, greedy[i] if seq.params.temperature <= 0 else seq.sampler(logits[i]))
+        tokens = [greedy[i] if seq.params.temperature <= 0 else seq.sampler(logits[i]) for i, seq in enumerate(sampled)]
+        pieces = self.scheduler.postprocess([c.seq for c in chunks], sampled, tokens)
+        for seq in sampled:
+            if len(seq.tokens) == 1:
+                self.ttft_seconds += seq.first_token_at - seq.arrived
+                self.ttft_count += 1
+        self.output_tokens += len(tokens)
+        for seq, piece in pieces:
+            self._emit(seq, piece)
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        if not seq.tokens:
-            seq.first_token_at = time.perf_counter()
-            self.ttft_seconds += seq.first_token_at - seq.arrived
-            self.ttft_count += 1
-        seq.tokens.append(token)
-        self.output_tokens += 1
-        if token in self.model.eos_ids and not seq.params.ignore_eos:
-            return self._finish(seq, "stop")
-        text = seq.detokenizer.add(token)
-        if seq.detokenizer.stopped:
-            return self._finish(seq, "stop", text=text)
-        if len(seq.tokens) >= seq.params.max_tokens:
-            return self._finish(seq, "length", text=text)
-        if text:
-            self._emit(seq, Piece(text, None, seq.prompt_len, len(seq.tokens)))
+    def _check_cancelled(self) -> None:
+        now = time.monotonic()
+        if now - self._cancel_checked >= self.config.cancel_check_ms / 1000:
+            # is_cancelled() is a round trip to the server process: not for every sequence every
+            # step, and after the forward, so that a new request's first token never waits on it.
+            self._cancel_checked = now
+            for seq in self.scheduler.all():
+                if seq.cancelled():
+                    self._finish(seq, "cancelled")
 
-    def _finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None, text: str = "") -> None:
-        """Free everything the sequence holds, then send its last piece."""
-        self.scheduler.finish(seq)
-        seq.session.close()
-        if error is None and reason != "cancelled":
-            text += seq.detokenizer.flush()
-        self._emit(seq, Piece(text, reason, seq.prompt_len, len(seq.tokens), error))
+    def _finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None) -> None:
+        self._emit(seq, self.scheduler.finish(seq, reason, error))
 
     @staticmethod
     def _emit(seq: Sequence, piece: Piece) -> None:

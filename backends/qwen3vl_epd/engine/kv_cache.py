@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..buffers import BlockAllocator
+from ..block_allocator import BlockAllocator, blocks_for
 from ..language import causal_attention
 
 
@@ -28,20 +28,17 @@ class PagedKVCache:
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
-
     def in_use(self) -> int:
         return self.allocator.in_use()
 
-    def sequence(self, tokens: int) -> SequenceKV | None:
-        """Blocks for `tokens` tokens (the sequence's whole reservation), or None when short."""
-        blocks = self.allocator.allocate(self.blocks_for(tokens))
+    def allocate_sequence(self, tokens: int) -> SequenceKV | None:
+        """Allocates blocks for `tokens` tokens (a sequence's whole reservation); None when short."""
+        blocks = self.allocator.allocate(blocks_for(tokens, self.block_size))
         return None if blocks is None else SequenceKV(self, blocks)
 
 
 class SequenceKV:
-    """One sequence's view of the cache; `append` has the KVCache interface LanguageModel uses."""
+    """One sequence's view of the cache; `attend` is the Attention a Segment uses."""
 
     def __init__(self, cache: PagedKVCache, blocks: list[int]):
         self.cache, self.blocks = cache, blocks

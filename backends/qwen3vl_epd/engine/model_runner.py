@@ -7,17 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from ..encoder import EncodedPrompt
-from ..language import Chunk, LanguageModel
+from ..language import LanguageModel, Segment
 from .kv_cache import DecodeBatch
 from .sequence import Sequence
 
 
 @dataclass
 class PreparedChunk:
-    """A prompt chunk's inputs, embedded before the batch is assembled."""
+    """A sequence's next prompt chunk, embedded before the batch is assembled."""
 
     seq: Sequence
-    chunk: EncodedPrompt
+    rows: EncodedPrompt  # the chunk's tokens, positions, visual and DeepStack rows
     embeds: torch.Tensor
     visual_index: torch.Tensor
 
@@ -27,26 +27,26 @@ class ModelRunner:
         self.model = model
 
     @torch.inference_mode()
-    def prepare(self, seq: Sequence, chunk: EncodedPrompt) -> PreparedChunk:
+    def prepare(self, seq: Sequence, rows: EncodedPrompt) -> PreparedChunk:
         """Embed one sequence's chunk; ValueError (this sequence's alone) when its rows disagree
         with its tokens."""
-        return PreparedChunk(seq, chunk, *self.model.embed(chunk.fill_ids, chunk.embeddings))
+        return PreparedChunk(seq, rows, *self.model.embed(rows.fill_ids, rows.embeddings))
 
     @torch.inference_mode()
     def run(self, prefills: list[PreparedChunk], decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """The sequences that sample this step (decodes, and prefills on their last chunk) and
-        their logits [n, vocab]."""
+        their logits [n, vocab], row i for sequence i."""
         m = self.model
-        embeds, positions, chunks, visual, deepstack, wanted = [], [], [], [], [], []
+        embeds, positions, segments, visual, deepstack, wanted = [], [], [], [], [], []
         offset = 0
         for p in prefills:
-            seq, chunk = p.seq, p.chunk
+            seq, rows = p.seq, p.rows
             embeds.append(p.embeds)
-            positions.append(chunk.mrope_positions.T.to(torch.long))
+            positions.append(rows.mrope_positions.T.to(torch.long))
             visual.append(p.visual_index + offset)
-            deepstack.append(chunk.deepstack)
-            chunks.append(Chunk(seq.kv, chunk.length))
-            offset += chunk.length
+            deepstack.append(rows.deepstack)
+            segments.append(Segment(seq.kv, rows.length))
+            offset += rows.length
             if seq.next_chunk == seq.num_chunks - 1:
                 wanted.append((seq, offset - 1))
         if decodes:
@@ -54,12 +54,12 @@ class ModelRunner:
             embeds.append(m.model.embed_tokens(ids))
             pos = torch.tensor([s.prompt_len + len(s.tokens) - 1 + s.mrope_delta for s in decodes])
             positions.append(pos.expand(3, -1))
-            chunks.append(Chunk(DecodeBatch([s.kv for s in decodes]), len(decodes)))
+            segments.append(Segment(DecodeBatch([s.kv for s in decodes]), len(decodes)))
             for s in decodes:
                 wanted.append((s, offset))
                 offset += 1
         visual_index = torch.cat(visual) if visual else torch.zeros(0, dtype=torch.long)
         ds = torch.cat(deepstack) if deepstack and m.num_deepstack else None
-        logits = m.forward(torch.cat(embeds), torch.cat(positions, dim=1), chunks, visual_index, ds,
+        logits = m.forward(torch.cat(embeds), torch.cat(positions, dim=1), segments, visual_index, ds,
                            torch.tensor([i for _, i in wanted], dtype=torch.long))
         return [seq for seq, _ in wanted], logits

@@ -1,11 +1,16 @@
-"""Scheduler: admission by KV capacity, a per-step token budget, decode before prefill."""
+"""Scheduler: the one owner of a sequence's lifecycle. Admission by KV capacity, a per-step token
+budget with decodes first, and every status change: WAITING → PREFILL → DECODE → FINISHED."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
+from ..errors import EpdError
+from ..sampling import finish_reason
+from .config import EngineConfig
 from .kv_cache import PagedKVCache
-from .sequence import Sequence, Status
+from .sequence import Piece, Sequence, Status
 
 
 class Scheduler:
@@ -14,8 +19,9 @@ class Scheduler:
     recomputing the prompt, whose multimodal rows were already released to the encoder. When KV
     is full, new requests wait."""
 
-    def __init__(self, kv: PagedKVCache, max_batched_tokens: int, max_running: int):
-        self.kv, self.max_batched_tokens, self.max_running = kv, max_batched_tokens, max_running
+    def __init__(self, kv: PagedKVCache, config: EngineConfig, eos_ids: set[int]):
+        self.kv, self.eos_ids = kv, eos_ids
+        self.max_batched_tokens, self.max_running = max(config.max_batched_tokens, 1), config.max_running
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -31,7 +37,7 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
         """(sequences that run their next prompt chunk, sequences that decode one token) this step."""
         while self.waiting and len(self.running) < self.max_running:
-            kv = self.kv.sequence(self.waiting[0].kv_tokens)
+            kv = self.kv.allocate_sequence(self.waiting[0].kv_reservation)
             if kv is None:
                 break
             seq = self.waiting.popleft()
@@ -48,7 +54,34 @@ class Scheduler:
                     budget -= n
         return prefills, decodes
 
-    def finish(self, seq: Sequence) -> None:
+    def postprocess(self, prefilled: list[Sequence], sampled: list[Sequence],
+                    tokens: list[int]) -> list[tuple[Sequence, Piece]]:
+        """After a forward: advance prompt chunks, append each sampled token, apply the finish rule;
+        the pieces to send, in order."""
+        for seq in prefilled:
+            seq.next_chunk += 1
+            if seq.next_chunk == seq.num_chunks:
+                seq.status = Status.DECODE
+            if seq.session is not None:
+                seq.session.release_chunk()
+                if seq.status is Status.DECODE:
+                    seq.session.close()  # prompt done: the encoder may reuse its blocks now
+        out = []
+        for seq, token in zip(sampled, tokens):
+            if not seq.tokens:
+                seq.first_token_at = time.perf_counter()
+            seq.tokens.append(token)
+            eos = token in self.eos_ids
+            text = "" if eos and not seq.params.ignore_eos else seq.detokenizer.add(token)
+            reason = finish_reason(seq.params, eos, len(seq.tokens), seq.detokenizer.stopped)
+            if reason:
+                out.append((seq, self.finish(seq, reason, text=text)))
+            elif text:
+                out.append((seq, seq.piece(text)))
+        return out
+
+    def finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None, text: str = "") -> Piece:
+        """FINISHED: free the sequence's KV and its encoder slot; its last piece."""
         seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
@@ -56,3 +89,8 @@ class Scheduler:
             self.waiting.remove(seq)
         if seq.kv is not None:
             seq.kv.free()
+        if seq.session is not None:
+            seq.session.close()
+        if error is None and reason != "cancelled":
+            text += seq.detokenizer.flush()
+        return seq.piece(text, reason, error)

@@ -1,12 +1,14 @@
-"""Sequence: the state of one request inside the engine."""
+"""Sequence: the state of one request inside the engine (only the Scheduler changes its status)."""
 
 from __future__ import annotations
 
 import enum
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..block_allocator import blocks_for
 from ..detokenizer import Detokenizer
 from ..errors import EpdError
 from ..sampling import Sampler, SamplingParams
@@ -36,13 +38,15 @@ class Piece:
 
 @dataclass(eq=False)
 class Sequence:
-    session: PullSession
     params: SamplingParams
+    prompt_len: int
+    mrope_delta: int
+    chunk_tokens: int  # prompt tokens per chunk: the pull and prefill unit
     detokenizer: Detokenizer
-    emit: Callable[[Piece], None]
-    cancelled: Callable[[], bool]
-    arrived: float
-    chunk_tokens: int
+    session: PullSession | None = None  # where the prompt's rows are read from (None: nothing to release)
+    emit: Callable[[Piece], None] = lambda piece: None
+    cancelled: Callable[[], bool] = lambda: False
+    arrived: float = field(default_factory=time.perf_counter)
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     kv: SequenceKV | None = None
@@ -54,22 +58,17 @@ class Sequence:
         self.sampler = Sampler(self.params)
 
     @property
-    def prompt_len(self) -> int:
-        return self.session.handle.length
-
-    @property
-    def mrope_delta(self) -> int:
-        return self.session.handle.mrope_delta
-
-    @property
     def num_chunks(self) -> int:
-        return -(-self.prompt_len // self.chunk_tokens)
+        return blocks_for(self.prompt_len, self.chunk_tokens)
 
     @property
-    def kv_tokens(self) -> int:
-        """The whole reservation: prompt plus every token it may generate."""
+    def kv_reservation(self) -> int:
+        """KV tokens reserved at admission: the prompt plus every token it may generate."""
         return self.prompt_len + self.params.max_tokens
 
     def next_chunk_tokens(self) -> int:
         start = self.next_chunk * self.chunk_tokens
         return min(self.chunk_tokens, self.prompt_len - start)
+
+    def piece(self, text: str, reason: str | None = None, error: EpdError | None = None) -> Piece:
+        return Piece(text, reason, self.prompt_len, len(self.tokens), error)

@@ -1,0 +1,106 @@
+"""The handle (what goes through Triton instead of the tensors) and the aux header it must match."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..block_allocator import blocks_for
+from ..buffers import AUX_WIDTH
+from ..errors import HandleError
+
+PROTOCOL_VERSION = 1
+MAGIC = 0x45504400  # "EPD\0"; the low byte carries the version
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CODES = {name: i + 1 for i, name in enumerate(DTYPES)}
+
+# aux row fields (int64)
+MAGIC_VERSION, NONCE, GENERATION, LENGTH, VISUAL, DEEPSTACK, HIDDEN, DTYPE, DELTA, IMAGES, SLOT = range(11)
+# the fields a reader compares with its handle besides nonce and generation
+HEADER_FIELDS = (MAGIC_VERSION, LENGTH, VISUAL, DEEPSTACK, HIDDEN, DTYPE)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+@dataclass
+class Handle:
+    """Where and how to read one staged request (DESIGN §4)."""
+
+    peer: str
+    slot: int
+    nonce: int
+    generation: int
+    length: int
+    num_visual: int
+    num_deepstack: int
+    hidden_size: int
+    dtype: str
+    block_tokens: int
+    block_visual: int
+    token_blocks: list[int]
+    visual_blocks: list[int]
+    mrope_delta: int
+    image_spans: list[list[int]]
+    addresses: dict[str, int]  # base address of each remote buffer
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @property
+    def name(self) -> str:
+        return f"handle(peer={self.peer}, slot={self.slot}, generation={self.generation})"
+
+    @classmethod
+    def decode(cls, data: bytes | str) -> Handle:
+        """Parse and check the handle's own consistency; HandleError when malformed."""
+        try:
+            raw = json.loads(data)
+            if raw.get("version") != PROTOCOL_VERSION:
+                raise HandleError(
+                    f"handle version {raw.get('version')!r} is not supported (this server speaks {PROTOCOL_VERSION})")
+            h = cls(**raw)
+        except HandleError:
+            raise
+        except Exception as e:
+            raise HandleError(f"malformed handle: {e}") from None
+        h._check()
+        return h
+
+    def _check(self) -> None:
+        ints = [self.slot, self.nonce, self.generation, self.length, self.num_visual, self.num_deepstack,
+                self.hidden_size, self.block_tokens, self.block_visual, self.mrope_delta]
+        problems = []
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
+            problems.append("integer fields are not all integers")
+        elif min(self.slot, self.length, self.num_visual, self.num_deepstack) < 0 or min(
+                self.block_tokens, self.block_visual, self.hidden_size, self.length) <= 0:
+            problems.append("negative or zero sizes")
+        elif len(self.token_blocks) != blocks_for(self.length, self.block_tokens):
+            problems.append(f"{len(self.token_blocks)} token blocks for {self.length} tokens")
+        elif len(self.visual_blocks) != blocks_for(self.num_visual, self.block_visual):
+            problems.append(f"{len(self.visual_blocks)} visual blocks for {self.num_visual} visual rows")
+        elif sum(n for _, n in self.image_spans) != self.num_visual:
+            problems.append("image spans do not add up to the visual rows")
+        if self.dtype not in DTYPES:
+            problems.append(f"unknown dtype {self.dtype!r}")
+        if not isinstance(self.peer, str) or self.peer.count(":") != 1:
+            problems.append(f"peer {self.peer!r} is not host:port")
+        needed = {"fill_ids", "mrope_positions", "embeddings", "aux", "release"}
+        if not isinstance(self.addresses, dict) or not needed <= set(self.addresses):
+            problems.append("buffer addresses missing")
+        if problems:
+            raise HandleError(f"malformed handle: {'; '.join(problems)}")
+
+
+def aux_row(h: Handle) -> list[int]:
+    """The aux header the encoder writes into the handle's slot, and a reader expects to find there."""
+    row = [0] * AUX_WIDTH
+    row[MAGIC_VERSION], row[NONCE], row[GENERATION] = MAGIC | PROTOCOL_VERSION, h.nonce, h.generation
+    row[LENGTH], row[VISUAL], row[DEEPSTACK], row[HIDDEN] = h.length, h.num_visual, h.num_deepstack, h.hidden_size
+    row[DTYPE], row[DELTA], row[IMAGES], row[SLOT] = DTYPE_CODES[h.dtype], h.mrope_delta, len(h.image_spans), h.slot
+    return row

@@ -1,0 +1,98 @@
+"""Helpers the test modules share: paths, the tolerance, the one prompt table, the image outcomes."""
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = Path(os.environ.get("EPD_TEST_IMAGES", ROOT.parent / "shared" / "testdata" / "images"))
+TOL = 1e-4  # fp32 max abs logit difference against transformers
+IMAGE_TOKEN_ID = 151655
+
+# Every prompt the tests send: name → (user message, image files). A test picks names from here.
+PROMPTS = {
+    "hi": ("Hi!", []),
+    "dragon": ("Write a long story about a dragon who learns to paint with watercolors.", []),
+    "lighthouse": ("Tell me a story about a lighthouse.", []),
+    "haiku": ("Write a haiku about rain.", []),
+    "sea": ("Tell me about the sea.", []),
+    "small_image": ("Describe this image.", ["small_64x64.webp"]),
+    "landscape": ("Describe this image.", ["landscape_640x480.jpg"]),
+    "landscape_in_detail": ("Describe it in detail.", ["landscape_640x480.jpg"]),
+    "two_marked": ("Compare <image> and <image>.", ["portrait_300x500.png", "small_64x64.webp"]),
+    "two_marked_with": ("Compare <image> with <image>.", ["portrait_300x500.png", "small_64x64.webp"]),
+    "two_unmarked": ("Compare these two pictures.", ["portrait_300x500.png", "small_64x64.webp"]),
+    "two_differ": ("What differs between <image> and <image>?", ["portrait_300x500.png", "cmyk.jpg"]),
+    "cmyk_mid_text": ("Look at <image> and name one color.", ["cmyk.jpg"]),
+    "exif_mid_text": ("Here is a photo <image> and what do you see in it?", ["exif_rotated.jpg"]),
+}
+
+# The outcome each test image must get (../shared/testdata/images/README.md).
+ACCEPTED = [
+    "landscape_640x480.jpg", "portrait_300x500.png", "small_64x64.webp", "rgba_translucent.png",
+    "grayscale.png", "palette.png", "cmyk.jpg", "gray16.png", "exif_rotated.jpg", "one_pixel.png",
+    "animated.webp",
+]
+REJECTED = {  # name → what the error message must say
+    "extreme_aspect_4000x10.png": "aspect ratio limit (200)",
+    "truncated.jpg": "cannot decode image",
+    "not_an_image.jpg": "cannot decode image",
+    "empty.png": "cannot decode image",
+    "bomb_40000x40000.png": "over the pixel limit of 50000000",
+}
+
+
+def image_bytes(name: str) -> bytes:
+    return (IMAGES / name).read_bytes()
+
+
+def prompt_inputs(name: str) -> tuple[str, list[bytes]]:
+    """(text, image bytes) of a prompt of the table."""
+    text, images = PROMPTS[name]
+    return text, [image_bytes(i) for i in images]
+
+
+class Collector:
+    """Gathers one engine request's pieces; `done` is set by its last piece."""
+
+    def __init__(self):
+        self.pieces, self.done, self.cancel = [], threading.Event(), False
+
+    def emit(self, piece):
+        self.pieces.append(piece)
+        if piece.finish_reason or piece.error:
+            self.done.set()
+
+    @property
+    def text(self):
+        return "".join(p.text for p in self.pieces)
+
+    @property
+    def last(self):
+        return self.pieces[-1]
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(interval)
+
+
+def language_request_inputs(handle: bytes) -> list:
+    """gRPC inputs of a long stream sent straight to the decoupled language model (ensembles, in
+    tritonserver 2.51, pass a cancellation on only between steps, so a running last step never sees it)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, (dtype, value) in {"handle": ("BYTES", np.array([[handle]], dtype=np.object_)),
+                                 "stream": ("BOOL", np.array([[True]])),
+                                 "max_tokens": ("INT32", np.array([[4000]], dtype=np.int32)),
+                                 "ignore_eos": ("BOOL", np.array([[True]]))}.items():
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        inputs.append(t)
+    return inputs
