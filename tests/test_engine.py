@@ -11,9 +11,9 @@ from reference import reference_greedy
 
 from qwen3vl_epd.block_allocator import blocks_for
 from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
-from qwen3vl_epd.engine.config import EngineConfig
 from qwen3vl_epd.engine.engine import Engine
 from qwen3vl_epd.sampling import SamplingParams
+from qwen3vl_epd.settings import Settings
 from qwen3vl_epd.transfer import MooncakeTransport, Puller
 
 pytestmark = pytest.mark.mooncake
@@ -53,7 +53,7 @@ def expected(processor, reference):
 
 def make_engine(language, puller, processor, **kw):
     kw = {"kv_cache_tokens": 16384, "max_batched_tokens": 256, **kw}
-    return Engine(language, puller, processor.tokenizer, EngineConfig(**kw))
+    return Engine(language, puller, processor.tokenizer, Settings(**kw))
 
 
 def stage(peer, name) -> bytes:

@@ -14,7 +14,6 @@ from transformers import AutoTokenizer
 from .block_allocator import blocks_for
 from .buffers import BufferConfig, MultimodalDataBuffers
 from .checkpoint import load_config
-from .engine.config import EngineConfig
 from .engine.engine import Engine
 from .engine.sequence import Piece
 from .encoder import VisionEncoder
@@ -27,7 +26,8 @@ from .transfer import MooncakeTransport, Puller, Stager
 
 
 def _buffers(s: Settings, hidden: int, deepstack: int, dtype, **overrides) -> MultimodalDataBuffers:
-    cfg = BufferConfig(s.block_tokens, s.block_visual, s.num_token_blocks, s.num_visual_blocks, s.num_slots)
+    cfg = BufferConfig(block_tokens=s.block_tokens, block_visual=s.block_visual, num_token_blocks=s.num_token_blocks,
+                       num_visual_blocks=s.num_visual_blocks, num_slots=s.num_slots)
     return MultimodalDataBuffers(hidden, deepstack, dtype, dataclasses.replace(cfg, **overrides), s.device)
 
 
@@ -64,7 +64,7 @@ class EncoderService:
         self.processor = Processor(s.checkpoint_dir, limits)
         self.encoder = VisionEncoder(s.checkpoint_dir, s.torch_dtype(self.processor.config), s.device)
         self.buffers = _buffers(s, self.encoder.hidden_size, self.encoder.num_deepstack, self.encoder.dtype)
-        self.stager = Stager(self.buffers, _transport(s), s.handle_ttl_s, s.alloc_wait_s)
+        self.stager = Stager(self.buffers, _transport(s), handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
         self.encode_seconds, self.encode_count = 0.0, 0
         self._stop = threading.Event()
         self._reclaimer = threading.Thread(target=self._reclaim_loop, args=(reclaim_interval_s,), daemon=True)
@@ -117,9 +117,9 @@ class LanguageService:
                                 num_token_blocks=blocks_for(rows, s.block_tokens) * 2,
                                 num_visual_blocks=blocks_for(rows, s.block_visual) * 2,
                                 num_slots=s.max_queued_requests)
-        self.puller = Puller(self.buffers, _transport(s), s.chunk_tokens,
-                             set(s.allowed_encoder_hosts) or None, s.alloc_wait_s)
-        self.engine = Engine(self.model, self.puller, self.tokenizer, EngineConfig.from_settings(s), on_step)
+        self.puller = Puller(self.buffers, _transport(s), chunk_tokens=s.chunk_tokens,
+                             allowed_hosts=set(s.allowed_encoder_hosts) or None, alloc_wait_s=s.alloc_wait_s)
+        self.engine = Engine(self.model, self.puller, self.tokenizer, s, on_step)
 
     def sampling(self, **fields) -> SamplingParams:
         """Request fields (absent: None) → validated SamplingParams."""

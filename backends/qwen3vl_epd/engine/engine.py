@@ -11,8 +11,8 @@ from ..detokenizer import Detokenizer
 from ..errors import EpdError, HandleError, InvalidInputError, UnavailableError
 from ..language import LanguageModel
 from ..sampling import SamplingParams
+from ..settings import Settings
 from ..transfer import Puller
-from .config import EngineConfig
 from .kv_cache import PagedKVCache
 from .model_runner import ModelRunner, PreparedChunk
 from .scheduler import Scheduler
@@ -22,8 +22,10 @@ from .sequence import Piece, Sequence
 class Engine:
     """submit() from any thread; the loop thread schedules, pulls, runs, samples and emits."""
 
-    def __init__(self, model: LanguageModel, puller: Puller, tokenizer, config: EngineConfig = EngineConfig(),
+    def __init__(self, model: LanguageModel, puller: Puller, tokenizer, config: Settings,
                  on_step: Callable[[], None] = lambda: None):
+        """`config`: the engine reads kv_cache_tokens, kv_block_size, max_batched_tokens, max_running,
+        max_model_len and cancel_check_ms."""
         tc = model.config.text_config
         self.config = config
         self.kv = PagedKVCache(tc.num_hidden_layers, blocks_for(config.kv_cache_tokens, config.kv_block_size),

@@ -8,7 +8,7 @@ from collections import deque
 
 from ..errors import EpdError
 from ..sampling import finish_reason
-from .config import EngineConfig
+from ..settings import Settings
 from .kv_cache import PagedKVCache
 from .sequence import Piece, Sequence, Status
 
@@ -19,7 +19,7 @@ class Scheduler:
     recomputing the prompt, whose multimodal rows were already released to the encoder. When KV
     is full, new requests wait."""
 
-    def __init__(self, kv: PagedKVCache, config: EngineConfig, eos_ids: set[int]):
+    def __init__(self, kv: PagedKVCache, config: Settings, eos_ids: set[int]):
         self.kv, self.eos_ids = kv, eos_ids
         self.max_batched_tokens, self.max_running = max(config.max_batched_tokens, 1), config.max_running
         self.waiting: deque[Sequence] = deque()
