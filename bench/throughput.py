@@ -26,7 +26,8 @@ from qwen3vl_epd.encoder import VisionEncoder  # noqa: E402
 from qwen3vl_epd.language import KVCache, LanguageModel  # noqa: E402
 from qwen3vl_epd.processor import Processor  # noqa: E402
 from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, Settings, pbtxt_parameters  # noqa: E402
-from qwen3vl_epd.transfer import MooncakeTransport, Puller, Stager  # noqa: E402
+from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller, Stager  # noqa: E402
+from qwen3vl_epd.transfer.signing import new_key  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"
 MIX = [("Describe this image.", ["small_64x64.webp"]), ("What is in the picture?", ["portrait_300x500.png"]),
@@ -63,14 +64,15 @@ def stage_times(checkpoint: str, reqs, threads: int) -> tuple[float, float, floa
     processor, encoder, lm = Processor(checkpoint), VisionEncoder(checkpoint), LanguageModel(checkpoint)
     enc_buf = MultimodalDataBuffers(encoder.hidden_size, encoder.num_deepstack, encoder.dtype)
     lang_buf = MultimodalDataBuffers(lm.hidden_size, lm.num_deepstack, lm.dtype)
-    stager = Stager(enc_buf, MooncakeTransport())
-    puller = Puller(lang_buf, MooncakeTransport())
+    keys = HandleKeys(new_key())
+    stager = Stager(enc_buf, MooncakeTransport(), keys)
+    puller = Puller(lang_buf, MooncakeTransport(), keys)
     enc, pull, prefill = [], [], []
     for text, images in reqs:
         t0 = time.perf_counter()
         encoded = encoder.encode([processor.process(text, images)])[0]
         t1 = time.perf_counter()
-        with puller.open(stager.stage(encoded).encode()) as session:
+        with puller.open(stager.stage(encoded)) as session:
             chunk = session.read_chunk(0)
             t2 = time.perf_counter()
             lm.prefill(chunk, KVCache(len(lm.model.layers)))

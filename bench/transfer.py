@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from peers import EncoderPeer  # noqa: E402
+from peers import TEST_KEY, EncoderPeer  # noqa: E402
 
 from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
-from qwen3vl_epd.transfer import MooncakeTransport, Puller  # noqa: E402
+from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller  # noqa: E402
 
 H, D, DTYPE, TEXT = 2048, 3, torch.bfloat16, 512
 VS = (256, 1024, 4096)
@@ -54,7 +54,7 @@ def main() -> None:
     try:
         transport = MooncakeTransport("127.0.0.1", "tcp")
         local = MultimodalDataBuffers(H, D, DTYPE, BufferConfig(**cfg))
-        puller = Puller(local, transport, chunk_tokens=lmax)
+        puller = Puller(local, transport, HandleKeys(TEST_KEY), chunk_tokens=lmax)
         remote = peer.call("addresses")
         print(f"H={H} D={D} bf16, tcp on 127.0.0.1, median of {args.repeats}")
         print("| V | L | bytes (ours) | bytes (seed layout) | ours/seed | pull GB/s | raw Mooncake GB/s | "

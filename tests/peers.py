@@ -1,11 +1,25 @@
 """An encoder peer in its own OS process (spawned), driven over a pipe, and synthetic prompts."""
 
+import json
 import multiprocessing as mp
+import socket
+import threading
 import time
 
 import torch
 
 from qwen3vl_epd.encoder import EncodedPrompt
+from qwen3vl_epd.transfer import HandleKeys
+from qwen3vl_epd.transfer.handle import signing_payload
+
+TEST_KEY = "5eed" * 16  # the handle key of test encoder peers and the pullers that read from them
+
+
+def resign(handle: dict | bytes, key: str = TEST_KEY) -> bytes:
+    """A handle (possibly altered) signed again, as only a holder of the key could."""
+    fields = json.loads(handle) if isinstance(handle, bytes) else dict(handle)
+    fields["signature"] = HandleKeys(key).sign(signing_payload(fields))
+    return json.dumps(fields).encode()
 
 
 def synthetic_prompt(seed: int, length: int, visual: int, hidden: int, deepstack: int, images: int = 1,
@@ -29,13 +43,13 @@ def synthetic_prompt(seed: int, length: int, visual: int, hidden: int, deepstack
     )
 
 
-def _serve(conn, hidden, deepstack, buffer_config, ttl, alloc_wait_s, checkpoint, dtype):
+def _serve(conn, hidden, deepstack, buffer_config, ttl, alloc_wait_s, checkpoint, dtype, key):
     from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
     from qwen3vl_epd.transfer import MooncakeTransport, Stager
 
     transport = MooncakeTransport("127.0.0.1", "tcp")
     buffers = MultimodalDataBuffers(hidden, deepstack, dtype, BufferConfig(**buffer_config))
-    stager = Stager(buffers, transport, handle_ttl_s=ttl, alloc_wait_s=alloc_wait_s)
+    stager = Stager(buffers, transport, HandleKeys(key), handle_ttl_s=ttl, alloc_wait_s=alloc_wait_s)
     processor = encoder = None
     if checkpoint:
         from qwen3vl_epd.encoder import VisionEncoder
@@ -48,12 +62,14 @@ def _serve(conn, hidden, deepstack, buffer_config, ttl, alloc_wait_s, checkpoint
         try:
             if cmd == "synthetic":
                 seed, length, visual, images = args
-                result = stager.stage(synthetic_prompt(seed, length, visual, hidden, deepstack, images, dtype)).encode()
+                result = stager.stage(synthetic_prompt(seed, length, visual, hidden, deepstack, images, dtype))
             elif cmd == "addresses":
                 result = {k: t.data_ptr() for k, t in buffers.regions().items()}
             elif cmd == "prompt":
                 text, images = args
-                result = stager.stage(encoder.encode([processor.process(text, images)])[0]).encode()
+                result = stager.stage(encoder.encode([processor.process(text, images)])[0])
+            elif cmd == "token_rows":  # the raw fill_ids pool, to check what a released slot leaves
+                result = buffers.fill_ids[:, 0].clone()
             elif cmd == "in_use":
                 result = buffers.in_use()
             elif cmd == "reclaim":
@@ -72,12 +88,13 @@ class EncoderPeer:
     """Handle on the spawned encoder process."""
 
     def __init__(self, hidden=64, deepstack=3, buffer_config=None, ttl=120.0, alloc_wait_s=2.0, checkpoint=None,
-                 dtype=torch.float32):
-        self.hidden, self.deepstack = hidden, deepstack
+                 dtype=torch.float32, key=TEST_KEY):
+        self.hidden, self.deepstack, self.key = hidden, deepstack, key
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
-            target=_serve, args=(child, hidden, deepstack, buffer_config or {}, ttl, alloc_wait_s, checkpoint, dtype), daemon=True)
+            target=_serve, args=(child, hidden, deepstack, buffer_config or {}, ttl, alloc_wait_s, checkpoint, dtype, key),
+            daemon=True)
         self.process.start()
         if not self.conn.poll(120):
             raise RuntimeError("encoder peer did not start")
@@ -105,3 +122,30 @@ class EncoderPeer:
         self.process.join(10)
         if self.process.is_alive():
             self.process.kill()
+
+
+class SilentPeer:
+    """A TCP listener on 127.0.0.1 that accepts connections and never answers: a stalled encoder.
+    `connections` counts what reached it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections, self._held = 0, []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self._held.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for conn in self._held:
+            conn.close()

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 from fixtures import Collector, prompt_inputs
-from peers import EncoderPeer
+from peers import TEST_KEY, EncoderPeer
 from reference import reference_greedy
 
 from qwen3vl_epd.block_allocator import blocks_for
@@ -14,7 +14,7 @@ from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.engine.engine import Engine
 from qwen3vl_epd.sampling import SamplingParams
 from qwen3vl_epd.settings import Settings
-from qwen3vl_epd.transfer import MooncakeTransport, Puller
+from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller
 
 pytestmark = pytest.mark.mooncake
 
@@ -36,7 +36,8 @@ def peer(checkpoint):
 @pytest.fixture(scope="module")
 def puller():
     cfg = BufferConfig(block_tokens=16, block_visual=16, num_token_blocks=64, num_visual_blocks=64, num_slots=256)
-    p = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), chunk_tokens=CHUNK)
+    p = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), HandleKeys(TEST_KEY),
+               chunk_tokens=CHUNK)
     yield p
     p.close()
 

@@ -28,6 +28,14 @@ def sequence(tokenizer, prompt_len, max_tokens=8, chunk_tokens=32, **params):
                     Detokenizer(tokenizer, params.get("stop")))
 
 
+def step(s: Scheduler):
+    """admit, every admitted sequence's next chunk arrives (the rows are not used here), schedule."""
+    s.admit()
+    for seq in s.prefilling():
+        seq.rows = object()
+    return s.schedule()
+
+
 def test_admission_reserves_kv_for_prompt_plus_max_tokens_fcfs(processor):
     s = scheduler(kv_blocks=16)
     a = sequence(processor.tokenizer, 100, max_tokens=28)  # 128 tokens: 8 blocks
@@ -35,11 +43,11 @@ def test_admission_reserves_kv_for_prompt_plus_max_tokens_fcfs(processor):
     b = sequence(processor.tokenizer, 40, max_tokens=8)
     for seq in (a, b, big):
         s.add(seq)
-    s.schedule()
+    step(s)
     assert (a.status, b.status, big.status) == (Status.PREFILL, Status.PREFILL, Status.WAITING)
     assert len(a.kv.blocks) == 8 and len(b.kv.blocks) == 3 and s.kv.in_use() == 11
     s.finish(a, "length")
-    s.schedule()
+    step(s)
     assert big.status is Status.PREFILL and s.kv.in_use() == 11
 
 
@@ -48,7 +56,7 @@ def test_waiting_head_blocks_those_behind_it(processor):
     first, head, small = (sequence(processor.tokenizer, n, max_tokens=8) for n in (56, 100, 8))
     for seq in (first, head, small):
         s.add(seq)
-    s.schedule()
+    step(s)
     # head needs 7 blocks, 4 are free: it waits, and FCFS keeps the small one behind it
     assert [q.status for q in (first, head, small)] == [Status.PREFILL, Status.WAITING, Status.WAITING]
 
@@ -58,7 +66,7 @@ def test_max_running(processor):
     seqs = [sequence(processor.tokenizer, 8) for _ in range(3)]
     for seq in seqs:
         s.add(seq)
-    prefills, decodes = s.schedule()
+    prefills, decodes = step(s)
     assert prefills == seqs[:2] and not decodes and len(s.waiting) == 1
 
 
@@ -67,19 +75,19 @@ def test_chunk_budget_decodes_first(processor):
     decoding = [sequence(processor.tokenizer, 4) for _ in range(6)]
     for seq in decoding:
         s.add(seq)
-    s.schedule()
+    step(s)
     s.postprocess(decoding, decoding, [1] * 6)  # one chunk each: prompt done, first token out
     assert all(q.status is Status.DECODE for q in decoding)
     long = sequence(processor.tokenizer, 100, chunk_tokens=32)  # chunks of 32, 32, 32, 4
     short = sequence(processor.tokenizer, 10)
     s.add(long)
     s.add(short)
-    prefills, decodes = s.schedule()
+    prefills, decodes = step(s)
     # 40 tokens: the 6 decode tokens first, then 32 of long's chunk; short's 10 do not fit
     assert decodes == decoding and prefills == [long]
     for seq in decoding:
         s.finish(seq, "cancelled")
-    prefills, decodes = s.schedule()
+    prefills, decodes = step(s)
     assert prefills == [long] and not decodes  # 32 + 10 > 40: short waits for the next step
 
 
@@ -87,7 +95,7 @@ def test_a_chunk_over_the_budget_runs_alone(processor):
     s = scheduler(kv_blocks=64, max_batched_tokens=16)
     big = sequence(processor.tokenizer, 64, chunk_tokens=64)
     s.add(big)
-    assert s.schedule() == ([big], [])
+    assert step(s) == ([big], [])
 
 
 def test_postprocess_walks_chunks_then_decodes(processor):
@@ -95,11 +103,11 @@ def test_postprocess_walks_chunks_then_decodes(processor):
     seq = sequence(processor.tokenizer, 70, chunk_tokens=32, max_tokens=3, ignore_eos=True)
     s.add(seq)
     for k in range(2):
-        prefills, _ = s.schedule()
+        prefills, _ = step(s)
         assert prefills == [seq] and seq.next_chunk_tokens() == 32
         assert s.postprocess([seq], [], []) == [] and seq.status is Status.PREFILL
     assert seq.next_chunk_tokens() == 6
-    s.schedule()
+    step(s)
     s.postprocess([seq], [seq], [EOS])  # the last chunk samples the first token
     assert seq.status is Status.DECODE and seq.first_token_at is not None and seq.tokens == [EOS]
     out = s.postprocess([], [seq], [11])
@@ -116,7 +124,7 @@ def test_the_finish_rule(processor, how):
     s = scheduler()
     seq = sequence(tok, 4, max_tokens=len(ids) + (how != "length"), stop=["gamma"] if how == "stop_string" else [])
     s.add(seq)
-    s.schedule()
+    step(s)
     tokens = ids + [EOS] if how == "eos" else ids
     pieces = []
     pieces += s.postprocess([seq], [seq], tokens[:1])
@@ -135,7 +143,18 @@ def test_finish_of_a_waiting_sequence(processor):
     s = scheduler(kv_blocks=1)
     seq = sequence(processor.tokenizer, 40)
     s.add(seq)
-    s.schedule()
+    step(s)
     assert seq.status is Status.WAITING
     piece = s.finish(seq, "cancelled")
     assert piece.finish_reason == "cancelled" and not s.has_work() and s.kv.in_use() == 0
+
+
+def test_only_arrived_chunks_run(processor):
+    s = scheduler()
+    a, b = sequence(processor.tokenizer, 10), sequence(processor.tokenizer, 10)
+    s.add(a)
+    s.add(b)
+    s.admit()
+    assert s.prefilling() == [a, b] and s.schedule() == ([], [])  # both chunks still on their way
+    b.rows = object()
+    assert s.schedule() == ([b], []) and s.prefilling() == [a]

@@ -6,12 +6,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from peers import EncoderPeer, synthetic_prompt
+from peers import TEST_KEY, EncoderPeer, SilentPeer, resign, synthetic_prompt
 
 from qwen3vl_epd.block_allocator import blocks_for
 from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.errors import HandleError, HandleExpiredError, PeerError, PoolFullError
-from qwen3vl_epd.transfer import Handle, MooncakeTransport, Puller
+from qwen3vl_epd.transfer import Handle, HandleKeys, MooncakeTransport, Puller
 
 pytestmark = pytest.mark.mooncake
 
@@ -39,7 +39,8 @@ def transport():
 def make_puller(transport, deepstack, chunk=CHUNK, **kw):
     # Different block size from the encoder's on purpose: runs must split at both sides' boundaries.
     cfg = BufferConfig(block_tokens=32, block_visual=8, num_token_blocks=8, num_visual_blocks=32, num_slots=40)
-    return Puller(MultimodalDataBuffers(H, deepstack, torch.float32, cfg), transport, chunk_tokens=chunk, **kw)
+    return Puller(MultimodalDataBuffers(H, deepstack, torch.float32, cfg), transport, HandleKeys(TEST_KEY),
+                  chunk_tokens=chunk, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +64,14 @@ def assert_same(got, want):
 def test_round_trip_bit_exact(peer, puller, length, visual, images):
     d = peer.deepstack
     handle = peer.stage(7, length, visual, images)
-    before = puller.stats.bytes_read
+    before, probes = puller.stats.bytes_read, puller.stats.probes
     with puller.open(handle) as session:
         assert session.num_chunks == blocks_for(length, CHUNK)
         got = session.read_all()
     assert_same(got, synthetic_prompt(7, length, visual, H, d, images))
     row = 4 + 12
     expected = length * row + visual * H * 4 * (1 + d) + 2 * 128 * session.num_chunks
+    expected += 128 * (puller.stats.probes - probes)  # the header read of a first contact with the peer
     assert puller.stats.bytes_read - before == expected  # no DeepStack bytes at all when D = 0
     assert zero(puller.buffers.in_use())
     peer.call("reclaim", 0)
@@ -99,9 +101,15 @@ def test_release_and_ttl_reclaim(peer, puller):
     puller.pull(handle)
     assert peer.call("reclaim", 0) == 1
     assert zero(peer.in_use())
-    # a reused handle fails: the slot was reclaimed
-    with pytest.raises(HandleExpiredError, match="expired"):
+    # a reused handle fails: here it was opened already; on another server, its slot was reclaimed
+    with pytest.raises(HandleError, match="was already opened on this server"):
         puller.pull(handle)
+    other = make_puller(puller.transport, peer.deepstack)
+    try:
+        with pytest.raises(HandleExpiredError, match="expired"):
+            other.pull(handle)
+    finally:
+        other.close()
     late = peer.stage(2, 40, 20)
     assert peer.call("reclaim", 0) == 0  # not released, not old
     assert peer.call("reclaim", 10_000) == 1  # past handle_ttl_s
@@ -111,11 +119,12 @@ def test_release_and_ttl_reclaim(peer, puller):
 
 
 def test_forged_nonce(peer, puller):
+    """Behind the signature, the header check still refuses a nonce the encoder did not stage."""
     handle = peer.stage(4, 40, 20)
     forged = json.loads(handle)
     forged["nonce"] += 1
     with pytest.raises(HandleError, match="nonce mismatch, the handle is forged or reused") as e:
-        puller.pull(json.dumps(forged))
+        puller.pull(resign(forged))
     assert e.value.code == "INVALID_ARG" and peer.session_id in str(e.value)
     assert zero(puller.buffers.in_use())
     # the forged attempt did not release the real slot, which still reads correctly
@@ -124,13 +133,15 @@ def test_forged_nonce(peer, puller):
     assert zero(peer.in_use())
 
 
+# Behind the signature (altered, then signed again as only a key holder could), each check still holds.
 @pytest.mark.parametrize("mutate,message", [
     (lambda h: b"not json", "malformed handle"),
-    (lambda h: json.dumps({k: v for k, v in json.loads(h).items() if k != "slot"}), "malformed handle"),
-    (lambda h: json.dumps({**json.loads(h), "version": 99}), "handle version 99 is not supported"),
-    (lambda h: json.dumps({**json.loads(h), "hidden_size": 2048}), "hidden size 2048"),
-    (lambda h: json.dumps({**json.loads(h), "token_blocks": []}), "0 token blocks for 40 tokens"),
-    (lambda h: json.dumps({**json.loads(h), "peer": "192.0.2.1:4000"}), "'192.0.2.1' is not in the allowed encoder hosts"),
+    (lambda h: resign({k: v for k, v in json.loads(h).items() if k != "slot"}), "malformed handle"),
+    (lambda h: resign({**json.loads(h), "version": 99}), "handle version 99 is not supported"),
+    (lambda h: resign({**json.loads(h), "hidden_size": 2048}), "hidden size 2048"),
+    (lambda h: resign({**json.loads(h), "token_blocks": []}), "0 token blocks for 40 tokens"),
+    (lambda h: resign({**json.loads(h), "peer": "192.0.2.1:4000"}), "'192.0.2.1' is not in the allowed encoder hosts"),
+    (lambda h: resign({**json.loads(h), "expires_ms": int(time.time() * 1000) - 1000}), r"expired \d+\.\d s ago"),
 ])
 def test_bad_handles(peer, puller, mutate, message):
     handle = peer.stage(5, 40, 20)
@@ -145,9 +156,11 @@ def test_bad_handles(peer, puller, mutate, message):
 
 def test_unreachable_peer(peer, puller):
     handle = json.loads(peer.stage(6, 40, 20))
-    handle["peer"] = "127.0.0.1:1"
+    handle["peer"] = "127.0.0.1:1"  # a closed port
+    t = time.monotonic()
     with pytest.raises(PeerError, match="encoder peer 127.0.0.1:1 is unreachable") as e:
-        puller.pull(json.dumps(handle))
+        puller.pull(resign(handle))
+    assert time.monotonic() - t < puller.timeout_s
     assert e.value.code == "UNAVAILABLE"
     assert zero(puller.buffers.in_use())
     peer.call("reclaim", 10_000)
@@ -206,6 +219,121 @@ def test_encoder_killed_mid_pull(transport):
 
 
 def test_handle_codec_round_trip(peer):
-    h = Handle.decode(peer.stage(12, 30, 10))
-    assert Handle.decode(h.encode()) == h and len(h.encode()) < 1024
+    keys = HandleKeys(TEST_KEY)
+    h = Handle.decode(peer.stage(12, 30, 10), keys)
+    assert Handle.decode(h.encode(keys), keys) == h and len(h.encode(keys)) < 1024
     peer.call("reclaim", 10_000)
+
+
+def _tampered(fields: dict, name: str) -> dict:
+    """The handle with one field changed, as an attacker would, and not signed again."""
+    value = fields[name]
+    if isinstance(value, bool) or not isinstance(value, (int, str, list, dict)):
+        raise TypeError(name)
+    if isinstance(value, int):
+        changed = value + 1
+    elif isinstance(value, str):
+        changed = "127.0.0.1:2" if name == "peer" else value + "x"
+    elif isinstance(value, list):
+        changed = value + [value[-1] if value else 0]
+    else:
+        changed = {**value, "aux": value["aux"] + 128}
+    return {**fields, name: changed}
+
+
+def test_unsigned_forged_and_tampered_handles_cause_no_traffic(peer, puller):
+    handle = peer.stage(21, 40, 20)
+    fields = json.loads(handle)
+    before = (puller.stats.bytes_read, puller.stats.probes)
+    attempts = {"unsigned": {k: v for k, v in fields.items() if k != "signature"},
+                "forged": {**fields, "signature": "0" * 64},
+                "another server's key": json.loads(resign(fields, key="a1" * 32))}
+    attempts.update({f"tampered {name}": _tampered(fields, name) for name in fields if name != "signature"})
+    assert len(attempts) >= 20
+    for what, attempt in attempts.items():
+        with pytest.raises(HandleError, match="handle signature is missing or wrong") as e:
+            puller.open(json.dumps(attempt))
+        assert e.value.code == "INVALID_ARG", what
+    assert (puller.stats.bytes_read, puller.stats.probes) == before  # not one Mooncake read
+    assert zero(puller.buffers.in_use())
+    assert_same(puller.pull(handle), synthetic_prompt(21, 40, 20, H, peer.deepstack))  # untouched, still served
+    peer.call("reclaim", 0)
+    assert zero(peer.in_use())
+
+
+def test_tampered_peer_gets_no_connection(peer, puller):
+    silent = SilentPeer()
+    try:
+        fields = {**json.loads(peer.stage(22, 40, 20)), "peer": silent.address}
+        with pytest.raises(HandleError, match="signature"):
+            puller.open(json.dumps(fields))
+        time.sleep(0.2)
+        assert silent.connections == 0
+    finally:
+        silent.close()
+        peer.call("reclaim", 10_000)
+    assert zero(peer.in_use())
+
+
+def test_a_handle_of_another_servers_key(transport, puller):
+    other = EncoderPeer(hidden=H, deepstack=puller.buffers.num_deepstack, buffer_config=ENC_BUFFERS, key="a1" * 32)
+    try:
+        with pytest.raises(HandleError, match="signed with a key this server does not accept"):
+            puller.pull(other.stage(23, 40, 20))
+        assert other.call("reclaim", 0) == 0  # nothing was released: nothing reached it
+    finally:
+        other.close()
+    assert zero(puller.buffers.in_use())
+
+
+def test_double_open_and_replay(peer, puller):
+    handle = peer.stage(24, 40, 20)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: _try(puller.pull, handle), range(2)))
+    errors = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(errors) == 1 and "was already opened on this server" in str(errors[0])
+    assert errors[0].code == "INVALID_ARG"
+    with pytest.raises(HandleError, match="was already opened"):  # and after its use
+        puller.pull(handle)
+    assert peer.call("reclaim", 0) == 1 and zero(peer.in_use()) and zero(puller.buffers.in_use())
+
+
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
+
+
+def test_stalled_peer_fails_within_the_bound(peer, transport):
+    """A peer that accepts and never answers: the read fails after timeout_s, holding no pool block;
+    later handles for that peer fail at once while the stuck transfer waits out Mooncake's 60 s."""
+    puller = make_puller(transport, peer.deepstack, timeout_s=1.0)
+    silent = SilentPeer()
+    try:
+        fields = {**json.loads(peer.stage(25, 40, 20)), "peer": silent.address}
+        t = time.monotonic()
+        with pytest.raises(PeerError, match=f"encoder peer {silent.address} did not answer within 1 s") as e:
+            puller.pull(resign(fields))
+        assert e.value.code == "UNAVAILABLE" and 1.0 <= time.monotonic() - t < 2.0
+        assert zero(puller.buffers.in_use())
+        t = time.monotonic()
+        with pytest.raises(PeerError, match="is not answering"):
+            puller.pull(resign({**fields, "nonce": fields["nonce"] + 1}))
+        assert time.monotonic() - t < 0.5
+        # the real encoder is still served meanwhile
+        assert_same(puller.pull(peer.stage(26, 40, 20)), synthetic_prompt(26, 40, 20, H, peer.deepstack))
+    finally:
+        silent.close()
+        puller.close()
+    peer.call("reclaim", 10_000)
+    assert zero(peer.in_use())
+
+
+def test_released_token_rows_are_zeroed(peer, puller):
+    handles = [peer.stage(27 + i, 100, 20) for i in range(3)]
+    assert int(peer.call("token_rows").count_nonzero()) > 0
+    for h in handles:
+        puller.pull(h)
+    assert peer.call("reclaim", 0) == 3
+    assert int(peer.call("token_rows").count_nonzero()) == 0  # no prompt ids left for anyone to read

@@ -176,10 +176,17 @@ def test_forged_and_malformed_handles_sent_to_language(server):
     real = _encoder_handle(server)
     forged = json.loads(real)
     forged["nonce"] += 1
-    assert "nonce mismatch, the handle is forged or reused" in _language_stream(server, json.dumps(forged).encode())
+    assert "handle signature is missing or wrong" in _language_stream(server, json.dumps(forged).encode())
     elsewhere = {**json.loads(real), "peer": "192.0.2.1:4000"}
-    assert "is not in the allowed encoder hosts" in _language_stream(server, json.dumps(elsewhere).encode())
+    assert "handle signature is missing or wrong" in _language_stream(server, json.dumps(elsewhere).encode())
+    unsigned = {k: v for k, v in json.loads(real).items() if k != "signature"}
+    assert "handle signature is missing or wrong" in _language_stream(server, json.dumps(unsigned).encode())
     assert _language_stream(server, real) == ""  # the genuine handle still works, and is released
+    assert "was already opened on this server" in _language_stream(server, real)  # a replay
+    twice = _encoder_handle(server)
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(lambda _: _language_stream(server, twice), range(2)))
+    assert outcomes[0] == "" and "was already opened on this server" in outcomes[1]  # served once
     assert_pools_empty(server)
 
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from fixtures import TOL, prompt_inputs
-from peers import EncoderPeer
+from peers import TEST_KEY, EncoderPeer
 from reference import reference_greedy, reference_logits
 
 from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.sampling import SamplingParams
-from qwen3vl_epd.transfer import MooncakeTransport, Puller
+from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller
 
 pytestmark = pytest.mark.mooncake
 
@@ -27,7 +27,7 @@ def encoder_peer(checkpoint):
 def puller():
     buffers = MultimodalDataBuffers(64, 3, torch.float32, BufferConfig(block_tokens=32, block_visual=32,
                                                                        num_token_blocks=8, num_visual_blocks=8))
-    p = Puller(buffers, MooncakeTransport("127.0.0.1", "tcp"), chunk_tokens=CHUNK)
+    p = Puller(buffers, MooncakeTransport("127.0.0.1", "tcp"), HandleKeys(TEST_KEY), chunk_tokens=CHUNK)
     yield p
     p.close()
 

@@ -133,6 +133,12 @@ class MultimodalDataBuffers:
         if self.num_deepstack:
             self.deepstack[v] = deepstack.to(self.device, self.dtype)
 
+    def zero_token_rows(self, token_blocks: list[int]) -> None:
+        """Clear the prompt ids and positions held in these blocks (before they are reused)."""
+        rows = self.token_rows(token_blocks)
+        self.fill_ids[rows] = 0
+        self.mrope_positions[rows] = 0
+
     def gather(self, token_blocks, visual_blocks, tokens: int, visual: int) -> tuple[torch.Tensor, ...]:
         """(fill_ids [L], mrope_positions [L, 3], embeddings [V, H], deepstack [V, D*H]) of one request:
         views while its blocks are consecutive (the usual case), copies otherwise."""

@@ -13,6 +13,7 @@ import sysconfig
 from pathlib import Path
 
 from .settings import REPO_ROOT
+from .transfer.signing import ENV_KEY, ENV_KEY_FILE, new_key
 
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 
@@ -47,6 +48,8 @@ def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # the stub must find the venv's packages
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "backends"), env.get("PYTHONPATH")]))
+    if not (env.get(ENV_KEY) or env.get(ENV_KEY_FILE)):
+        env[ENV_KEY] = new_key()  # this server's handle key, shared by its model processes
     argv = [
         f"--model-repository={model_repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
         f"--metrics-port={metrics_port}", "--allow-metrics=true", "--log-info=false", *extra,

@@ -22,7 +22,7 @@ from .language import LanguageModel
 from .processor import Limits, Processor
 from .sampling import SamplingParams, sampling_params
 from .settings import Settings
-from .transfer import MooncakeTransport, Puller, Stager
+from .transfer import HandleKeys, MooncakeTransport, Puller, Stager
 
 
 def _buffers(s: Settings, hidden: int, deepstack: int, dtype, **overrides) -> MultimodalDataBuffers:
@@ -32,7 +32,8 @@ def _buffers(s: Settings, hidden: int, deepstack: int, dtype, **overrides) -> Mu
 
 
 def _transport(s: Settings) -> MooncakeTransport:
-    return MooncakeTransport(s.mooncake_host, s.mooncake_protocol, s.mooncake_device, s.mooncake_metadata_server)
+    return MooncakeTransport(s.mooncake_host, s.mooncake_protocol, s.mooncake_device, s.mooncake_metadata_server,
+                             timeout_s=s.transfer_timeout_s, ports=s.mooncake_ports)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class EncoderService:
         self.processor = Processor(s.checkpoint_dir, limits)
         self.encoder = VisionEncoder(s.checkpoint_dir, s.torch_dtype(self.processor.config), s.device)
         self.buffers = _buffers(s, self.encoder.hidden_size, self.encoder.num_deepstack, self.encoder.dtype)
-        self.stager = Stager(self.buffers, _transport(s), handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
+        self.stager = Stager(self.buffers, _transport(s), HandleKeys.load(s.handle_key_file),
+                             handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
         self.encode_seconds, self.encode_count = 0.0, 0
         self._stop = threading.Event()
         self._reclaimer = threading.Thread(target=self._reclaim_loop, args=(reclaim_interval_s,), daemon=True)
@@ -90,7 +92,7 @@ class EncoderService:
         encoded = self.encoder.encode(list(processed.values()))
         for i, prompt in zip(processed, encoded):
             try:
-                results[i] = self.stager.stage(prompt).encode()
+                results[i] = self.stager.stage(prompt)
             except EpdError as e:
                 results[i] = e
         self.encode_seconds += time.perf_counter() - t0
@@ -117,8 +119,10 @@ class LanguageService:
                                 num_token_blocks=blocks_for(rows, s.block_tokens) * 2,
                                 num_visual_blocks=blocks_for(rows, s.block_visual) * 2,
                                 num_slots=s.max_queued_requests)
-        self.puller = Puller(self.buffers, _transport(s), chunk_tokens=s.chunk_tokens,
-                             allowed_hosts=set(s.allowed_encoder_hosts) or None, alloc_wait_s=s.alloc_wait_s)
+        self.puller = Puller(self.buffers, _transport(s), HandleKeys.load(s.handle_key_file),
+                             chunk_tokens=s.chunk_tokens, allowed_hosts=set(s.allowed_encoder_hosts) or None,
+                             alloc_wait_s=s.alloc_wait_s, timeout_s=s.transfer_timeout_s,
+                             workers=s.transfer_workers)
         self.engine = Engine(self.model, self.puller, self.tokenizer, s, on_step)
 
     def sampling(self, **fields) -> SamplingParams:

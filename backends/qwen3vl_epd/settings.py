@@ -27,7 +27,11 @@ class Settings:
     mooncake_protocol: str = "tcp"
     mooncake_device: str = ""
     mooncake_metadata_server: str = "P2PHANDSHAKE"
+    mooncake_ports: str = ""  # "MIN-MAX": the range both Mooncake listeners take their ports from (firewalls)
     allowed_encoder_hosts: list[str] = field(default_factory=list)  # empty: this host only
+    handle_key_file: str = ""  # empty: EPD_HANDLE_KEY_FILE, EPD_HANDLE_KEY, else a key per server (signing.py)
+    transfer_timeout_s: float = 5.0  # bound on a Mooncake connect, read or write; then UNAVAILABLE
+    transfer_workers: int = 8  # threads that run the language side's Mooncake reads and release writes
     # buffers
     block_tokens: int = 64
     block_visual: int = 64

@@ -1,4 +1,5 @@
-"""Engine: continuous batching on its own thread; each step is schedule → pull → run → postprocess."""
+"""Engine: continuous batching on its own thread; each step is admit → pull → schedule → run →
+postprocess. Pulls run on the Puller's transfer workers: a step never waits on a peer."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ class Engine:
         self.runner = ModelRunner(model)
         self.on_step = on_step  # after every step, on the engine thread (metrics)
         self._cancel_checked = 0.0
+        self._arrived = threading.Event()  # a transfer ended: wake a step that has nothing to run
+        puller.on_arrival = self._arrived.set
         self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
         self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
         self._inbox: list[Sequence] = []
@@ -95,26 +98,35 @@ class Engine:
             self.on_step()
 
     def step(self) -> None:
-        """schedule → pull → run → postprocess, then the cancellation check."""
+        """admit → pull → schedule → run → postprocess, then the cancellation check."""
+        self._arrived.clear()
+        self.scheduler.admit()
+        self._pull()
         prefills, decodes = self.scheduler.schedule()
-        if not prefills and not decodes:
-            time.sleep(0.001)  # everything waits for KV held by sequences being cancelled
-        else:
-            chunks = self._pull(prefills)
-            if chunks or decodes:
-                self._run(chunks, decodes)
+        chunks = self._prepare(prefills)
+        if chunks or decodes:
+            self._run(chunks, decodes)
+        elif not prefills:  # chunks on their way, or KV held by sequences being cancelled
+            self._arrived.wait(0.002)
         self._check_cancelled()
 
-    def _pull(self, prefills: list[Sequence]) -> list[PreparedChunk]:
-        """Each prefill's next prompt chunk, read and embedded; a failure ends only its own sequence."""
+    def _pull(self) -> None:
+        """Start or collect the transfer of each admitted sequence's next chunk; a failed or overdue
+        transfer ends only its own sequence."""
+        for seq in self.scheduler.prefilling():
+            try:
+                seq.rows = seq.session.fetch(seq.next_chunk)
+            except EpdError as e:
+                self._finish(seq, None, e)
+
+    def _prepare(self, prefills: list[Sequence]) -> list[PreparedChunk]:
+        """Each arrived chunk embedded; rows that disagree with their tokens fail that request alone."""
         chunks = []
         for seq in prefills:
             try:
-                chunks.append(self.runner.prepare(seq, seq.session.read_chunk(seq.next_chunk)))
-            except ValueError as e:  # rows that disagree with their tokens fail this request, not the batch
+                chunks.append(self.runner.prepare(seq, seq.rows))
+            except ValueError as e:
                 self._finish(seq, None, HandleError(f"{seq.session.handle.name}: chunk {seq.next_chunk}: {e}"))
-            except EpdError as e:
-                self._finish(seq, None, e)
         return chunks
 
     def _run(self, chunks: list[PreparedChunk], decodes: list[Sequence]) -> None:

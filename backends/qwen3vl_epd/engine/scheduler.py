@@ -34,8 +34,8 @@ class Scheduler:
     def all(self) -> list[Sequence]:
         return [*self.running, *self.waiting]
 
-    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
-        """(sequences that run their next prompt chunk, sequences that decode one token) this step."""
+    def admit(self) -> None:
+        """WAITING → PREFILL, first come first served, while KV and max_running allow."""
         while self.waiting and len(self.running) < self.max_running:
             kv = self.kv.allocate_sequence(self.waiting[0].kv_reservation)
             if kv is None:
@@ -43,11 +43,19 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.kv, seq.status = kv, Status.PREFILL
             self.running.append(seq)
+
+    def prefilling(self) -> list[Sequence]:
+        """Admitted sequences whose next prompt chunk has not arrived yet."""
+        return [s for s in self.running if s.status is Status.PREFILL and s.rows is None]
+
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(sequences that run their next prompt chunk, which has arrived, and sequences that decode
+        one token) this step: decodes first, then chunks while the token budget lasts."""
         decodes = [s for s in self.running if s.status is Status.DECODE]
         budget = self.max_batched_tokens - len(decodes)
         prefills = []
         for s in self.running:
-            if s.status is Status.PREFILL:
+            if s.status is Status.PREFILL and s.rows is not None:
                 n = s.next_chunk_tokens()
                 if n <= budget or not (prefills or decodes):  # a too-large chunk still runs alone
                     prefills.append(s)
@@ -59,6 +67,7 @@ class Scheduler:
         """After a forward: advance prompt chunks, append each sampled token, apply the finish rule;
         the pieces to send, in order."""
         for seq in prefilled:
+            seq.rows = None
             seq.next_chunk += 1
             if seq.next_chunk == seq.num_chunks:
                 seq.status = Status.DECODE
@@ -82,7 +91,7 @@ class Scheduler:
 
     def finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None, text: str = "") -> Piece:
         """FINISHED: free the sequence's KV and its encoder slot; its last piece."""
-        seq.status = Status.FINISHED
+        seq.status, seq.rows = Status.FINISHED, None
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

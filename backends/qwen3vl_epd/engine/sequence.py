@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..block_allocator import blocks_for
 from ..detokenizer import Detokenizer
+from ..encoder import EncodedPrompt
 from ..errors import EpdError
 from ..sampling import Sampler, SamplingParams
 from ..transfer import PullSession
@@ -51,6 +52,7 @@ class Sequence:
     status: Status = Status.WAITING
     kv: SequenceKV | None = None
     next_chunk: int = 0
+    rows: EncodedPrompt | None = None  # the next prompt chunk, once it has arrived
     tokens: list[int] = field(default_factory=list)
     first_token_at: float | None = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -10,8 +11,9 @@ import torch
 from ..block_allocator import blocks_for
 from ..buffers import AUX_WIDTH
 from ..errors import HandleError
+from .signing import HandleKeys
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = 0x45504400  # "EPD\0"; the low byte carries the version
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CODES = {name: i + 1 for i, name in enumerate(DTYPES)}
@@ -28,7 +30,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class Handle:
-    """Where and how to read one staged request (DESIGN §4)."""
+    """Where and how to read one staged request (DESIGN §4), signed by the encoder over every field."""
 
     peer: str
     slot: int
@@ -46,20 +48,38 @@ class Handle:
     mrope_delta: int
     image_spans: list[list[int]]
     addresses: dict[str, int]  # base address of each remote buffer
+    expires_ms: int  # unix time after which no reader may open it (the encoder's handle_ttl_s)
     version: int = PROTOCOL_VERSION
+    signature: str = ""  # HMAC-SHA256 of every other field
 
-    def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+    def encode(self, keys: HandleKeys) -> bytes:
+        """Signed JSON."""
+        fields = asdict(self)
+        fields["signature"] = keys.sign(signing_payload(fields))
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    @property
+    def identity(self) -> tuple:
+        """What makes a handle unique: a language server opens each one at most once."""
+        return self.peer, self.slot, self.generation, self.nonce
 
     @property
     def name(self) -> str:
         return f"handle(peer={self.peer}, slot={self.slot}, generation={self.generation})"
 
     @classmethod
-    def decode(cls, data: bytes | str) -> Handle:
-        """Parse and check the handle's own consistency; HandleError when malformed."""
+    def decode(cls, data: bytes | str, keys: HandleKeys) -> Handle:
+        """Verify the signature, then parse and check the handle's own consistency and expiry;
+        HandleError when unsigned, forged, tampered, malformed or expired."""
         try:
             raw = json.loads(data)
+        except Exception as e:
+            raise HandleError(f"malformed handle: {e}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("signature"), str) or not keys.verify(
+                signing_payload(raw), raw["signature"]):
+            raise HandleError("handle signature is missing or wrong: the handle is unsigned, forged, tampered "
+                              "with, or signed with a key this server does not accept")
+        try:
             if raw.get("version") != PROTOCOL_VERSION:
                 raise HandleError(
                     f"handle version {raw.get('version')!r} is not supported (this server speaks {PROTOCOL_VERSION})")
@@ -69,11 +89,13 @@ class Handle:
         except Exception as e:
             raise HandleError(f"malformed handle: {e}") from None
         h._check()
+        if time.time() * 1000 > h.expires_ms:
+            raise HandleError(f"{h.name} expired {time.time() - h.expires_ms / 1000:.1f} s ago")
         return h
 
     def _check(self) -> None:
         ints = [self.slot, self.nonce, self.generation, self.length, self.num_visual, self.num_deepstack,
-                self.hidden_size, self.block_tokens, self.block_visual, self.mrope_delta]
+                self.hidden_size, self.block_tokens, self.block_visual, self.mrope_delta, self.expires_ms]
         problems = []
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             problems.append("integer fields are not all integers")
@@ -95,6 +117,12 @@ class Handle:
             problems.append("buffer addresses missing")
         if problems:
             raise HandleError(f"malformed handle: {'; '.join(problems)}")
+
+
+def signing_payload(fields: dict) -> bytes:
+    """What the signature covers: every field but the signature, in a canonical JSON."""
+    return json.dumps({k: v for k, v in fields.items() if k != "signature"}, sort_keys=True,
+                      separators=(",", ":")).encode()
 
 
 def aux_row(h: Handle) -> list[int]:

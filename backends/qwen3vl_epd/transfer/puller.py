@@ -1,10 +1,13 @@
-"""Language side: validate a handle, then read its five buffers chunk by chunk and release the slot."""
+"""Language side: verify a handle, then read its five buffers chunk by chunk on transfer workers
+(never on the caller's thread), and release the encoder slot."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +17,7 @@ from ..buffers import AUX_WIDTH, MultimodalDataBuffers
 from ..encoder import EncodedPrompt, clip_spans, visual_rows_before
 from ..errors import HandleError, HandleExpiredError, PeerError
 from .handle import GENERATION, HEADER_FIELDS, NONCE, Handle, aux_row, dtype_name
+from .signing import HandleKeys
 from .transport import MooncakeTransport
 
 
@@ -30,28 +34,48 @@ def local_hosts() -> set[str]:
 @dataclass
 class PullStats:
     bytes_read: int = 0
-    reads: int = 0
+    reads: int = 0  # Mooncake batch reads (a chunk is one, plus one header re-read)
+    probes: int = 0  # header reads of a first contact with a peer
     seconds: float = 0.0
     entries: list[int] = field(default_factory=list)  # batch entries per read, last few
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, nbytes: int, entries: int, seconds: float) -> None:
+        with self.lock:
+            self.bytes_read += nbytes
+            self.reads += 1
+            self.seconds += seconds
+            self.entries = (self.entries + [entries])[-16:]
 
 
 class Puller:
-    """Opens handles against this model and the allow-list; each open handle is a PullSession."""
+    """Opens signed handles; each open handle is a PullSession whose Mooncake calls run on a pool of
+    transfer workers, each call bounded by timeout_s."""
 
-    def __init__(self, buffers: MultimodalDataBuffers, transport: MooncakeTransport, chunk_tokens: int = 2048,
-                 allowed_hosts: set[str] | None = None, alloc_wait_s: float = 5.0):
-        self.buffers, self.transport = buffers, transport
-        self.chunk_tokens, self.alloc_wait_s = chunk_tokens, alloc_wait_s
+    def __init__(self, buffers: MultimodalDataBuffers, transport: MooncakeTransport, keys: HandleKeys,
+                 chunk_tokens: int = 2048, allowed_hosts: set[str] | None = None, alloc_wait_s: float = 5.0,
+                 timeout_s: float = 5.0, workers: int = 8):
+        self.buffers, self.transport, self.keys = buffers, transport, keys
+        self.chunk_tokens, self.alloc_wait_s, self.timeout_s = chunk_tokens, alloc_wait_s, timeout_s
         self.allowed_hosts = local_hosts() if allowed_hosts is None else set(allowed_hosts)
         self.stats = PullStats()
-        transport.register(buffers)
+        self.on_arrival: Callable[[], None] = lambda: None  # called on a worker when a transfer ends
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="epd-transfer")
+        self.good_peers: set[str] = set()  # answered before: no header probe needed
+        self._spare: MooncakeTransport | None = None  # the engine first contacts are made on
+        self.stalled_peers: dict[str, str] = {}  # peer → what is stuck on it, until it returns
+        self._opened: dict[tuple, int] = {}  # handle identity → its expiry (ms)
+        self._lock = threading.Lock()
+        transport.register(buffers.regions())
 
     def close(self) -> None:
-        self.transport.unregister(self.buffers)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.transport.unregister(self.buffers.regions())
 
     def open(self, data: bytes | str) -> PullSession:
-        """Check the handle against this model and the allow-list; the session reads chunks."""
-        h = Handle.decode(data)
+        """Verify the handle and check it against this model, the allow-list and the handles already
+        opened; no Mooncake traffic happens before all of that passed."""
+        h = Handle.decode(data, self.keys)
         b = self.buffers
         ours = (b.hidden_size, b.num_deepstack, dtype_name(b.dtype))
         theirs = (h.hidden_size, h.num_deepstack, h.dtype)
@@ -62,60 +86,115 @@ class Puller:
         host = h.peer.rsplit(":", 1)[0]
         if "*" not in self.allowed_hosts and host not in self.allowed_hosts:
             raise HandleError(f"{h.name}: encoder host {host!r} is not in the allowed encoder hosts")
+        if h.peer in self.stalled_peers:
+            raise PeerError(f"encoder peer {h.peer} is not answering ({self.stalled_peers[h.peer]} waits "
+                            f"longer than {self.timeout_s:g} s)")
+        self._mark_opened(h)
         return PullSession(self, h)
 
+    def _mark_opened(self, h: Handle) -> None:
+        now_ms = time.time() * 1000
+        with self._lock:
+            for identity, expires in list(self._opened.items()):
+                if expires < now_ms:  # expired handles are refused by decode already
+                    del self._opened[identity]
+            if h.identity in self._opened:
+                raise HandleError(f"{h.name} was already opened on this server: a handle is used once")
+            self._opened[h.identity] = h.expires_ms
+
     def pull(self, data: bytes | str) -> EncodedPrompt:
-        """The whole prompt, read chunk by chunk, then the encoder slot released."""
+        """The whole prompt, read chunk by chunk, then the encoder slot released (waited for)."""
         with self.open(data) as session:
             return session.read_all()
 
+    def spare(self) -> MooncakeTransport:
+        """The engine for first contacts: a spare, so that a handshake stuck in it stalls no read of
+        an established peer (Mooncake serializes an engine's calls behind a handshake)."""
+        with self._lock:
+            if self._spare is None:
+                self._spare = self.transport.spare()
+            return self._spare
+
+    def retire(self, spare: MooncakeTransport) -> None:
+        """A first contact is stuck in this spare: later ones get a fresh engine."""
+        with self._lock:
+            if self._spare is spare:
+                self._spare = None
+
+    def submit(self, fn, *args) -> Future:
+        future = self.pool.submit(fn, *args)
+        future.add_done_callback(lambda _: self.on_arrival())
+        return future
+
 
 class PullSession:
-    """One handle being read: chunk k is read when asked for; close() releases the encoder slot."""
+    """One handle being read. The engine calls fetch(k) every step until chunk k has arrived; the
+    reads run on the Puller's workers. close() releases the encoder slot."""
 
     def __init__(self, puller: Puller, handle: Handle):
         self.puller, self.handle = puller, handle
         self.buffers = puller.buffers
         self.slot = self.buffers.allocate_waiting(0, 0, True, puller.alloc_wait_s, "language")[0]
-        self._held = None  # (token blocks, visual blocks) of the chunk last read
+        self.probed = handle.peer in puller.good_peers
+        self._job: Future | None = None  # the transfer in flight
+        self._job_what, self._job_deadline = "", 0.0
+        self._probe_transport: MooncakeTransport | None = None
+        self._held = None  # (token blocks, visual blocks) of the chunk in flight or last read
+        self._owned = True  # False once the header disagreed: the slot is not ours to release
+        self._lock = threading.Lock()
         self.closed = False
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.close()
+        release = self.close()
+        if release is not None:
+            release.result()
 
     @property
     def num_chunks(self) -> int:
         return blocks_for(self.handle.length, self.puller.chunk_tokens)
 
-    def read_chunk(self, k: int) -> EncodedPrompt:
-        """Tokens [k*chunk, (k+1)*chunk) with their own embedding and DeepStack rows. The result may
-        view local blocks: it is valid until the next read_chunk or close (memory stays one chunk)."""
+    def fetch(self, k: int, wait_for_blocks: bool = False) -> EncodedPrompt | None:
+        """Chunk k (tokens [k*chunk, (k+1)*chunk) with their own visual and DeepStack rows) once it
+        has arrived, else None and its transfer is under way. Raises what the transfer raised, and
+        PeerError once it is over timeout_s. The result views local blocks: valid until the next
+        chunk is fetched or the session closes."""
+        if self._job is not None:
+            if not self._job.done():
+                if time.monotonic() > self._job_deadline:
+                    self._overdue()
+                return None
+            job, self._job = self._job, None
+            if job.result() == "probe":
+                self.probed = True
+            else:
+                return self._gather(k)
+        if not self.probed:
+            self._probe_transport = self.puller.spare()
+            self._start("probe", self._probe)
+            return None
         h, step = self.handle, self.puller.chunk_tokens
         start, end = k * step, min((k + 1) * step, h.length)
         v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
         self.release_chunk()
         b = self.buffers
-        _, tok, vis = b.allocate_waiting(end - start, v1 - v0, False, self.puller.alloc_wait_s, "language")
-        self._held = (tok, vis)
-        try:
-            self._read(start, end, v0, v1, tok, vis)
-        except Exception:
-            self.release_chunk()
-            raise
-        fill, mrope, emb, ds = b.gather(tok, vis, end - start, v1 - v0)
-        return EncodedPrompt(
-            fill_ids=fill, mrope_positions=mrope, embeddings=emb, deepstack=ds, mrope_delta=h.mrope_delta,
-            image_spans=clip_spans(h.image_spans, start, end),
-        )
+        if wait_for_blocks:
+            got = b.allocate_waiting(end - start, v1 - v0, False, self.puller.alloc_wait_s, "language")
+        else:
+            got = b.allocate(end - start, v1 - v0, False)  # none free: the engine asks again next step
+        if got is None:
+            return None
+        self._held = got[1:]
+        self._start(f"tokens {start}..{end}", self._read, start, end, v0, v1, *self._held)
+        return None
 
-    def release_chunk(self) -> None:
-        """Free the local blocks of the chunk last read (its views become invalid)."""
-        if self._held is not None:
-            self.buffers.free(None, *self._held)
-            self._held = None
+    def read_chunk(self, k: int) -> EncodedPrompt:
+        """fetch(k), waited for (tests, benchmarks, Puller.pull)."""
+        while (chunk := self.fetch(k, wait_for_blocks=True)) is None:
+            wait([self._job], timeout=max(0.0, self._job_deadline - time.monotonic()) + 0.01)
+        return chunk
 
     def chunks(self) -> Iterator[EncodedPrompt]:
         """Chunk k is read only when the consumer asks for it (after prefilling chunk k-1)."""
@@ -132,8 +211,81 @@ class PullSession:
             mrope_delta=self.handle.mrope_delta, image_spans=[tuple(s) for s in self.handle.image_spans],
         )
 
-    def _read(self, start, end, v0, v1, tok, vis) -> None:
-        h, b, t0 = self.handle, self.buffers, time.perf_counter()
+    def release_chunk(self) -> None:
+        """Free the local blocks of the chunk last read (its views become invalid)."""
+        if self._held is not None:
+            self.buffers.free(None, *self._held)
+            self._held = None
+
+    def close(self) -> Future | None:
+        """Release the encoder slot (a one-sided write of its nonce, on a worker) and free ours; the
+        release's future, or None. A transfer still in flight frees what it holds when it returns."""
+        with self._lock:
+            if self.closed:
+                return None
+            self.closed = True
+            if self._job is not None and not self._job.done():
+                if self.probed:  # a chunk read: it writes into our blocks and slot until it returns
+                    self._job.add_done_callback(lambda _: self._free())
+                else:  # a header probe holds no block and no slot of ours
+                    self._free()
+                return None
+        self._job = None
+        if not self._owned:
+            self._free()
+            return None
+        self.release_chunk()
+        self.buffers.aux[self.slot, NONCE] = self.handle.nonce
+        return self.puller.submit(self._release)
+
+    def _release(self) -> None:
+        h = self.handle
+        try:
+            src = self.buffers.aux[self.slot].data_ptr() + NONCE * 8
+            self.puller.transport.write(h.peer, src, h.addresses["release"] + h.slot * 8, 8, f"release of {h.name}")
+        except PeerError:
+            pass  # the encoder is gone; its TTL reclaim (or its exit) frees the slot
+        finally:
+            self._free()
+
+    def _free(self) -> None:
+        self.release_chunk()
+        self.buffers.aux[self.slot] = 0
+        self.buffers.slot_pool.free([self.slot])
+
+    def _start(self, what: str, fn, *args) -> None:
+        self._job_what = f"{what} of {self.handle.name}"
+        self._job_deadline = time.monotonic() + self.puller.timeout_s
+        self._job = self.puller.submit(fn, *args)
+
+    def _overdue(self) -> None:
+        peer, what = self.handle.peer, self._job_what
+        if not self.probed:  # stuck in Mooncake's handshake: refuse new work for this peer until it returns
+            self.puller.retire(self._probe_transport)
+            self.puller.stalled_peers[peer] = what
+            self._job.add_done_callback(lambda _: self.puller.stalled_peers.pop(peer, None))
+        raise PeerError(f"encoder peer {peer} did not answer within {self.puller.timeout_s:g} s ({what})")
+
+    def _probe(self) -> str:
+        """First contact with a peer: its header for this handle, read on the spare engine into a row
+        of its own. Mooncake's handshake waits 60 s for a peer that accepts and never answers (no
+        setting shortens it); there, nothing but other first contacts waits with it."""
+        h, p = self.handle, self.puller
+        transport, row = self._probe_transport, torch.zeros(AUX_WIDTH, dtype=torch.int64)
+        transport.register({"probe": row})
+        try:
+            aux_bytes = AUX_WIDTH * 8
+            self._transfer([row.data_ptr()], [h.addresses["aux"] + h.slot * aux_bytes], [aux_bytes], transport)
+            self._check_aux(row.tolist())
+        finally:
+            transport.unregister({"probe": row})
+        p.good_peers.add(h.peer)
+        with p.stats.lock:
+            p.stats.probes += 1
+        return "probe"
+
+    def _read(self, start, end, v0, v1, tok, vis) -> str:
+        h, b = self.handle, self.buffers
         local, remote, lengths = [], [], []
 
         def add(name, row_bytes, remote_blocks, remote_block, local_blocks, local_block, first, n):
@@ -154,50 +306,48 @@ class PullSession:
         local.append(b.aux[self.slot].data_ptr())
         remote.append(h.addresses["aux"] + h.slot * aux_bytes)
         lengths.append(aux_bytes)
-        what = f"tokens {start}..{end} of {h.name}"
-        self.puller.transport.read(h.peer, local, remote, lengths, what)
-        self._check_aux(what)
+        self._transfer(local, remote, lengths)
+        self._check_aux(b.aux[self.slot].tolist())
         # Re-read the header: a slot reclaimed while the rows were in flight must not pass.
-        self.puller.transport.read(h.peer, local[-1:], remote[-1:], lengths[-1:], what)
-        self._check_aux(what)
-        st = self.puller.stats
-        st.bytes_read += sum(lengths) + lengths[-1]  # the batch plus the header re-read
-        st.reads += 1
-        st.seconds += time.perf_counter() - t0
-        st.entries = (st.entries + [len(lengths)])[-16:]
+        self._transfer(local[-1:], remote[-1:], lengths[-1:])
+        self._check_aux(b.aux[self.slot].tolist())
+        return "chunk"
 
-    def _check_aux(self, what: str) -> None:
-        h, aux = self.handle, self.buffers.aux[self.slot].tolist()
+    def _transfer(self, local, remote, lengths, transport: MooncakeTransport | None = None) -> None:
+        t0 = time.perf_counter()
+        try:
+            (transport or self.puller.transport).read(self.handle.peer, local, remote, lengths, self._job_what)
+        except PeerError:
+            self.puller.good_peers.discard(self.handle.peer)
+            self._owned = False  # no release write to a peer that just failed: its TTL reclaims the slot
+            raise
+        self.puller.stats.add(sum(lengths), len(lengths), time.perf_counter() - t0)
+
+    def _gather(self, k: int) -> EncodedPrompt:
+        h, step = self.handle, self.puller.chunk_tokens
+        start, end = k * step, min((k + 1) * step, h.length)
+        v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
+        fill, mrope, emb, ds = self.buffers.gather(*self._held, end - start, v1 - v0)
+        return EncodedPrompt(
+            fill_ids=fill, mrope_positions=mrope, embeddings=emb, deepstack=ds, mrope_delta=h.mrope_delta,
+            image_spans=clip_spans(h.image_spans, start, end),
+        )
+
+    def _check_aux(self, aux: list[int]) -> None:
+        h, what = self.handle, self._job_what
         if aux[GENERATION] != h.generation:
+            self._owned = False
             raise HandleExpiredError(
                 f"{h.name} expired: the encoder reclaimed slot {h.slot} (now generation {aux[GENERATION]}); "
                 f"it was already released or outlived handle_ttl_s ({what})")
         if aux[NONCE] != h.nonce:
+            self._owned = False
             raise HandleError(f"{h.name}: nonce mismatch, the handle is forged or reused ({what})")
         expected = aux_row(h)
         got, want = [aux[i] for i in HEADER_FIELDS], [expected[i] for i in HEADER_FIELDS]
         if got != want:
+            self._owned = False
             raise HandleError(f"{h.name}: header {got} does not match the handle {want} ({what})")
-
-    def close(self, release: bool = True) -> None:
-        """Release the encoder slot by writing its nonce into the encoder's release array; free ours."""
-        if self.closed:
-            return
-        self.closed = True
-        h, b = self.handle, self.buffers
-        try:
-            if release:
-                b.aux[self.slot, NONCE] = h.nonce
-                src = b.aux[self.slot].data_ptr() + NONCE * 8
-                try:
-                    release = h.addresses["release"] + h.slot * 8
-                    self.puller.transport.write(h.peer, src, release, 8, f"release of {h.name}")
-                except PeerError:
-                    pass  # the encoder is gone; its TTL reclaim (or its exit) frees the slot
-        finally:
-            self.release_chunk()
-            b.aux[self.slot] = 0
-            b.slot_pool.free([self.slot])
 
 
 def _runs(remote_blocks, remote_block, first, local_blocks, local_block, n):
