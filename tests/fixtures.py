@@ -56,13 +56,14 @@ def prompt_inputs(name: str) -> tuple[str, list[bytes]]:
 
 
 class Collector:
-    """Gathers one engine request's pieces; `done` is set by its last piece."""
+    """Gathers one engine request's pieces and when each came; `done` is set by its last piece."""
 
     def __init__(self):
-        self.pieces, self.done, self.cancel = [], threading.Event(), False
+        self.pieces, self.times, self.done, self.cancel = [], [], threading.Event(), False
 
     def emit(self, piece):
         self.pieces.append(piece)
+        self.times.append(time.monotonic())
         if piece.finish_reason or piece.error:
             self.done.set()
 
@@ -73,13 +74,6 @@ class Collector:
     @property
     def last(self):
         return self.pieces[-1]
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(interval)
 
 
 def language_request_inputs(handle: bytes) -> list:

@@ -1,12 +1,13 @@
 """The continuous-batching engine, fed by a real encoder process over Mooncake, against transformers."""
 
+import json
 import re
 import time
 
 import pytest
 import torch
 from fixtures import Collector, prompt_inputs
-from peers import TEST_KEY, EncoderPeer
+from peers import TEST_KEY, EncoderPeer, SilentPeer, resign
 from reference import reference_greedy
 
 from qwen3vl_epd.block_allocator import blocks_for
@@ -202,3 +203,41 @@ def test_inconsistent_prompt_fails_alone(peer, puller, language, processor, expe
         assert_all_free(engine, peer)
     finally:
         engine.stop()
+
+
+def test_a_stalled_peer_stalls_only_its_own_request(peer, language, processor, expected):
+    """A handle whose peer accepts and never answers, beside 8 live streams: it fails with
+    UNAVAILABLE after transfer_timeout_s, and the streams kept getting tokens all that time."""
+    cfg = BufferConfig(block_tokens=16, block_visual=16, num_token_blocks=64, num_visual_blocks=64, num_slots=64)
+    puller = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), HandleKeys(TEST_KEY),
+                    chunk_tokens=CHUNK, timeout_s=1.5)
+    engine = make_engine(language, puller, processor, kv_cache_tokens=8 * 4096)
+    silent = SilentPeer()
+    try:
+        stalled = resign({**json.loads(stage(peer, "small_image")), "peer": silent.address})
+        live = [submit(engine, peer, "dragon", SamplingParams(max_tokens=4000, ignore_eos=True)) for _ in range(8)]
+        while not all(c.pieces for c in live):
+            time.sleep(0.005)
+        start = time.monotonic()
+        bad = submit(engine, peer, "small_image", handle=stalled)
+        assert bad.done.wait(30)
+        failed_after = bad.times[-1] - start
+        assert bad.last.error is not None and bad.last.error.code == "UNAVAILABLE"
+        assert f"encoder peer {silent.address} did not answer within 1.5 s" in str(bad.last.error)
+        assert 1.5 <= failed_after < 3.0
+        for c in live:  # a blocked engine would show one gap as long as the stall
+            during = [t for t in c.times if start <= t <= start + failed_after]
+            gaps = [b - a for a, b in zip(during, during[1:])]
+            assert len(during) >= 10 and max(gaps) < 0.5, (len(during), max(gaps, default=None))
+            assert not c.done.is_set()
+            c.cancel = True
+        wait_all(live)
+        good = submit(engine, peer, "small_image")  # still serving, the same peer as before
+        wait_all([good])
+        assert (good.text, good.last.num_output_tokens) == expected["small_image"][:2]
+        peer.call("reclaim", 10_000)  # the slot behind the rerouted handle: its TTL
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()
+        silent.close()
+        puller.close()

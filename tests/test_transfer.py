@@ -337,3 +337,41 @@ def test_released_token_rows_are_zeroed(peer, puller):
         puller.pull(h)
     assert peer.call("reclaim", 0) == 3
     assert int(peer.call("token_rows").count_nonzero()) == 0  # no prompt ids left for anyone to read
+
+
+LISTENERS = """
+import json, os, sys
+from qwen3vl_epd.transfer import MooncakeTransport
+t = MooncakeTransport("127.0.0.1", "tcp", ports=sys.argv[1])
+inodes = set()
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        link = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        continue
+    if link.startswith("socket:["):
+        inodes.add(link[8:-1])
+found = []
+for table in ("tcp", "tcp6"):
+    for line in open(f"/proc/self/net/{table}").read().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "0A" and f[9] in inodes:  # LISTEN
+            address, port = f[1].rsplit(":", 1)
+            found.append([table, address, int(port, 16)])
+print(json.dumps({"rpc": t.engine.get_rpc_port(), "listeners": found}))
+"""
+
+
+def test_mooncake_listeners_take_ports_from_the_configured_range():
+    """Mooncake binds its two listeners to every address whatever host it is given (README); what
+    can be set is the port range, so a firewall rule can name them."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", LISTENERS, "21400-21420"], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    ports = [port for _, _, port in got["listeners"]]
+    assert len(ports) >= 2 and got["rpc"] in ports, got
+    assert all(21400 <= p <= 21420 for p in ports), got
+    print("Mooncake listeners:", got["listeners"])
