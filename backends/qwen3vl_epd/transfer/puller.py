@@ -95,9 +95,9 @@ class Puller:
     def _mark_opened(self, h: Handle) -> None:
         now_ms = time.time() * 1000
         with self._lock:
-            for identity, expires in list(self._opened.items()):
-                if expires < now_ms:  # expired handles are refused by decode already
-                    del self._opened[identity]
+            # Oldest first (one TTL for all): forget handles that expired, which decode refuses anyway.
+            while self._opened and next(iter(self._opened.values())) < now_ms:
+                del self._opened[next(iter(self._opened))]
             if h.identity in self._opened:
                 raise HandleError(f"{h.name} was already opened on this server: a handle is used once")
             self._opened[h.identity] = h.expires_ms
