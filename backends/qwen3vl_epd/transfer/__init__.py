@@ -2,7 +2,8 @@
 
 from .handle import Handle
 from .signing import HandleKeys
-from .puller import Puller, PullSession, PullStats
+from .puller import Puller, PullStats
+from .session import PullSession
 from .stager import Stager
 from .transport import MooncakeTransport
 
