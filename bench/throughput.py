@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 from tritonserver import TritonServer  # noqa: E402
 
 from client import load  # noqa: E402
+from goals import goal  # noqa: E402
 from qwen3vl_epd.tiny_checkpoint import build_tiny  # noqa: E402
 from qwen3vl_epd.buffers import MultimodalDataBuffers  # noqa: E402
 from qwen3vl_epd.encoder import VisionEncoder  # noqa: E402
@@ -115,6 +116,9 @@ def main() -> None:
     print(f"\nTTFT at concurrency 1 ({threads} torch thread(s) per model, as served): ensemble {ttft * 1e3:.1f} ms; in-process encode {enc * 1e3:.1f} + pull "
           f"{pull * 1e3:.1f} + first prefill {prefill * 1e3:.1f} = {in_process * 1e3:.1f} ms; "
           f"ratio {ttft / in_process:.2f}")
+    goal("scaling_c16_vs_c1", runs[16]["tok_per_s"] / runs[1]["tok_per_s"], ">=", 6)
+    goal("c16_vs_transformers", runs[16]["tok_per_s"] / baseline, ">=", 4)
+    goal("ttft_vs_in_process", ttft / in_process, "<=", 1.3)
 
 
 if __name__ == "__main__":

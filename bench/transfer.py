@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from goals import goal  # noqa: E402
 from peers import TEST_KEY, EncoderPeer  # noqa: E402
 
 from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
@@ -87,7 +88,7 @@ def main() -> None:
     finally:
         peer.close()
     for name, ratio in goals:
-        print(f"goal: {name} {ratio:.2f} (target >= 0.9) {'met' if ratio >= 0.9 else 'missed'}")
+        goal(name, ratio, ">=", 0.9)
 
 
 if __name__ == "__main__":
