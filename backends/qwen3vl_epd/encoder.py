@@ -55,6 +55,14 @@ class EncodedPrompt:
             yield self.slice(start, start + size)
 
 
+def encoded_prompt(p: ProcessedPrompt, embeddings: torch.Tensor, deepstack: torch.Tensor) -> EncodedPrompt:
+    """A processed prompt with its visual rows (none for text only), in the staged layout."""
+    return EncodedPrompt(
+        fill_ids=p.fill_ids.to(torch.int32), mrope_positions=p.mrope_positions.T.contiguous().to(torch.int32),
+        embeddings=embeddings, deepstack=deepstack, mrope_delta=p.mrope_delta, image_spans=p.image_spans,
+    )
+
+
 def visual_rows_before(spans, token: int) -> int:
     """Visual rows of tokens [0, token), given the (first token, count) span of each image."""
     return sum(min(max(token - s, 0), n) for s, n in spans)
@@ -100,16 +108,7 @@ class VisionEncoder:
         results, row = [], 0
         for p in prompts:
             v = int(p.image_grid_thw.prod(-1).sum()) // self.merge_unit if p.num_images else 0
-            results.append(
-                EncodedPrompt(
-                    fill_ids=p.fill_ids.to(torch.int32),
-                    mrope_positions=p.mrope_positions.T.contiguous().to(torch.int32),
-                    embeddings=embeds[row : row + v],
-                    deepstack=deepstack[row : row + v],
-                    mrope_delta=p.mrope_delta,
-                    image_spans=p.image_spans,
-                )
-            )
+            results.append(encoded_prompt(p, embeds[row : row + v], deepstack[row : row + v]))
             row += v
         return results
 

@@ -1,6 +1,10 @@
 """Starts tritonserver on the model repository: the system one (NGC container) or nvidia-pytriton's.
 
-python -m qwen3vl_epd.launch [--http-port 8000] [--grpc-port 8001] [--metrics-port 8002]
+python -m qwen3vl_epd.launch [--role all|encoder|language] [--encoders TARGET] [--http-port 8000] ...
+
+Roles: `all` serves every model (the language model reaches the encoder through this server's own
+gRPC port); `encoder` only the encoder; `language` the language model and the client-facing models,
+encoding on the pool TARGET (a gRPC target: "ipv4:10.0.1.2:8001,10.0.2.2:8001", "dns:///enc:8001").
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from .settings import REPO_ROOT
 from .transfer.signing import ENV_KEY, ENV_KEY_FILE, new_key
 
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+ROLE_MODELS = {"all": [], "encoder": ["encoder"], "language": ["language", "ensemble", "complete"]}
 
 
 def pytriton_backend_dir(work_dir: Path) -> tuple[Path, Path]:
@@ -41,10 +46,40 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target)
 
 
+def target_hosts(target: str) -> list[str]:
+    """The hosts of a gRPC target that lists addresses ("ipv4:a:p,b:p", "a:p"); [] for a DNS name."""
+    if target.startswith("dns:"):
+        return []
+    body = target.split(":", 1)[1] if target.startswith(("ipv4:", "ipv6:")) else target
+    return [a.rsplit(":", 1)[0].strip("[]") for a in body.split(",") if a]
+
+
+def role_env(role: str, grpc_port: int, env: dict) -> dict:
+    """The EPD_* settings of a role (what the environment already sets wins)."""
+    out = {}
+    if role == "all":
+        out["EPD_ENCODERS"] = f"127.0.0.1:{grpc_port}"
+        return {k: v for k, v in out.items() if not env.get(k)}
+    if not (env.get(ENV_KEY) or env.get(ENV_KEY_FILE)):
+        raise SystemExit(f"--role {role}: encoders and language servers must share a handle key: set "
+                         f"{ENV_KEY_FILE} (a file with the key, README 'Security') or {ENV_KEY}")
+    out["EPD_MOONCAKE_HOST"] = "auto"  # peers on other hosts must reach it: never 127.0.0.1
+    if role == "language":
+        if not env.get("EPD_ENCODERS"):
+            raise SystemExit("--role language needs the encoder pool: --encoders TARGET (or EPD_ENCODERS)")
+        hosts = target_hosts(env["EPD_ENCODERS"])
+        if not hosts and not env.get("EPD_ALLOWED_ENCODER_HOSTS"):
+            raise SystemExit("--encoders names a DNS target: list the encoder hosts or their network with "
+                             "--allowed-encoder-hosts (or EPD_ALLOWED_ENCODER_HOSTS), e.g. 10.0.0.0/16")
+        out["EPD_ALLOWED_ENCODER_HOSTS"] = ",".join(hosts)
+    return {k: v for k, v in out.items() if not env.get(k)}
+
+
 def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=MODEL_REPOSITORY,
-            work_dir: Path | None = None, extra: list[str] = ()) -> tuple[list[str], dict]:
+            work_dir: Path | None = None, extra: list[str] = (), role: str = "all") -> tuple[list[str], dict]:
     """The tritonserver argv and environment."""
     env = dict(os.environ)
+    env.update(role_env(role, grpc_port, env))
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # the stub must find the venv's packages
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "backends"), env.get("PYTHONPATH")]))
@@ -54,6 +89,8 @@ def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=
         f"--model-repository={model_repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
         f"--metrics-port={metrics_port}", "--allow-metrics=true", "--log-info=false", *extra,
     ]
+    if ROLE_MODELS[role]:
+        argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in ROLE_MODELS[role])]
     system = shutil.which("tritonserver", path="/opt/tritonserver/bin" + os.pathsep + env["PATH"])
     if system and "pytriton" not in system:
         return [system, *argv], env
@@ -69,9 +106,19 @@ def main() -> None:
     parser.add_argument("--http-port", type=int, default=int(os.environ.get("HTTP_PORT", 8000)))
     parser.add_argument("--grpc-port", type=int, default=int(os.environ.get("GRPC_PORT", 8001)))
     parser.add_argument("--metrics-port", type=int, default=int(os.environ.get("METRICS_PORT", 8002)))
+    parser.add_argument("--role", choices=sorted(ROLE_MODELS), default=os.environ.get("EPD_ROLE", "all"))
+    parser.add_argument("--encoders", help="language role: the encoder pool's gRPC target (EPD_ENCODERS)")
+    parser.add_argument("--allowed-encoder-hosts", help="hosts or CIDR handles may point at (default: "
+                        "the addresses in --encoders)")
+    parser.add_argument("--mooncake-host", help="the address other hosts reach this one's Mooncake at "
+                        "(multi-host roles: default auto, the default route's address)")
     args, extra = parser.parse_known_args()
-    argv, env = command(args.http_port, args.grpc_port, args.metrics_port, extra=extra)
-    print(f"serving {MODEL_REPOSITORY}: HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, "
+    for name in ("encoders", "allowed_encoder_hosts", "mooncake_host"):
+        if getattr(args, name):
+            os.environ["EPD_" + name.upper()] = getattr(args, name)
+    argv, env = command(args.http_port, args.grpc_port, args.metrics_port, extra=extra, role=args.role)
+    print(f"serving {MODEL_REPOSITORY} as role {args.role} ({', '.join(ROLE_MODELS[args.role]) or 'every model'}): "
+          f"HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, "
           f"metrics http://localhost:{args.metrics_port}/metrics\n"
           f"try: .venv/bin/python -m client --prompt 'Describe this image.' --image IMAGE --stream "
           f"--url localhost:{args.grpc_port}", flush=True)

@@ -1,5 +1,5 @@
 """The two served halves, independent of Triton: EncoderService (prompt + images → handle) and
-LanguageService (handle + sampling → streamed Pieces)."""
+LanguageService (prompt + images, or a handle, + sampling → streamed Pieces)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-
-from transformers import AutoTokenizer
 
 from .block_allocator import blocks_for
 from .buffers import BufferConfig, MultimodalDataBuffers
 from .checkpoint import load_config
+from .encoder import VisionEncoder, encoded_prompt
+from .encoder_pool import EncoderPool
 from .engine.engine import Engine
+from .engine.local_prompt import LocalPrompt
 from .engine.sequence import Piece
-from .encoder import VisionEncoder
-from .errors import EpdError, InvalidInputError
+from .errors import EpdError, HandleExpiredError, InvalidInputError, PeerError
 from .language import LanguageModel
 from .processor import Limits, Processor
 from .sampling import SamplingParams, sampling_params
@@ -36,12 +37,21 @@ def _transport(s: Settings) -> MooncakeTransport:
                              timeout_s=s.transfer_timeout_s, ports=s.mooncake_ports)
 
 
+# Encodes of one request, the first included: a pull that fails because its encoder died (before
+# any token was sent) is encoded again, by another encoder of the pool.
+ENCODE_ATTEMPTS = 3
+
+
 @dataclass
 class EncodeRequest:
     text: str | None  # None: the required field is missing
     images: list[bytes] = field(default_factory=list)
     raw_prompt: bool = False
     sampling: dict = field(default_factory=dict)  # checked here so a bad request costs no image work
+
+
+def _limits(s: Settings) -> Limits:
+    return Limits(s.max_image_bytes, s.max_image_pixels, s.max_images, s.max_model_len)
 
 
 def check_request(text: str | None, sampling: dict, settings: Settings | None = None) -> None:
@@ -61,8 +71,7 @@ class EncoderService:
         self.settings = s = settings
         s.apply_threads()
         self.on_tick = on_tick  # called from the background thread after each reclaim (metrics)
-        limits = Limits(s.max_image_bytes, s.max_image_pixels, s.max_images, s.max_model_len)
-        self.processor = Processor(s.checkpoint_dir, limits)
+        self.processor = Processor(s.checkpoint_dir, _limits(s))
         self.encoder = VisionEncoder(s.checkpoint_dir, s.torch_dtype(self.processor.config), s.device)
         self.buffers = _buffers(s, self.encoder.hidden_size, self.encoder.num_deepstack, self.encoder.dtype)
         self.stager = Stager(self.buffers, _transport(s), HandleKeys.load(s.handle_key_file),
@@ -106,13 +115,19 @@ class EncoderService:
 
 
 class LanguageService:
-    """Text model + Puller + the continuous-batching Engine."""
+    """Text model + Puller + the continuous-batching Engine; the client-facing door. Text-only
+    prompts are processed here and never wait behind vision work; prompts with images go to the
+    encoder pool (local or remote servers alike, over gRPC) and come back as handles."""
 
     def __init__(self, settings: Settings, on_step: Callable[[], None] = lambda: None):
         self.settings = s = settings
         s.apply_threads()
         self.model = LanguageModel(s.checkpoint_dir, s.torch_dtype(load_config(s.checkpoint_dir)), s.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(s.checkpoint_dir, local_files_only=True)
+        self.processor = Processor(s.checkpoint_dir, _limits(s))
+        self.tokenizer = self.processor.tokenizer
+        self.encoders = EncoderPool(s.encoders, s.encode_timeout_s, s.encoder_wait_s)
+        # Each encode blocks a thread for as long as the encoder works; the engine never waits on one.
+        self.encode_workers = ThreadPoolExecutor(64, thread_name_prefix="epd-encode")
         # Local multimodal memory: the prompt chunks of one step, twice over for fragmentation.
         rows = max(s.chunk_tokens, s.max_batched_tokens)
         self.buffers = _buffers(s, self.model.hidden_size, self.model.num_deepstack, self.model.dtype,
@@ -141,9 +156,59 @@ class LanguageService:
                cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
         self.engine.submit(handle, params, emit, cancelled, arrived)
 
+    def generate(self, request: EncodeRequest, params: SamplingParams, emit: Callable[[Piece], None],
+                 cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
+        """Queue a prompt: text only, here and now (EpdError when it is bad); with images, returns at
+        once and the encode, pull and any retry run on workers, errors arriving through `emit`."""
+        check_request(request.text, {}, self.settings)
+        if not request.images:
+            p = self.processor.process(request.text, [], request.raw_prompt)
+            rows = self.buffers.embeddings[:0], self.buffers.deepstack[:0]
+            prompt = LocalPrompt(encoded_prompt(p, *rows), self.settings.chunk_tokens)
+            self.engine.submit(prompt, params, emit, cancelled, arrived)
+            return
+        job = RemotePrompt(self, request, params, emit, cancelled, arrived)
+        self.encode_workers.submit(job.run)
+
     def close(self) -> None:
+        self.encode_workers.shutdown(wait=False, cancel_futures=True)
         self.engine.stop()
         self.puller.close()
+        self.encoders.close()
+
+
+@dataclass
+class RemotePrompt:
+    """A prompt with images on its way: encoded by the pool, then pulled by the engine. A request
+    whose encoder died before its first token (the handle's peer is gone) is encoded again."""
+
+    service: LanguageService
+    request: EncodeRequest
+    params: SamplingParams
+    emit: Callable[[Piece], None]
+    cancelled: Callable[[], bool]
+    arrived: float | None
+    attempts: int = ENCODE_ATTEMPTS
+
+    def run(self) -> None:
+        self.attempts -= 1
+        try:
+            if self.cancelled():
+                self.emit(Piece("", "cancelled", 0, 0))
+                return
+            r = self.request
+            handle = self.service.encoders.encode(r.text, r.images, r.raw_prompt)
+            self.service.engine.submit(handle, self.params, self.on_piece, self.cancelled, self.arrived)
+        except EpdError as e:
+            self.on_piece(Piece("", None, 0, 0, e))
+
+    def on_piece(self, piece: Piece) -> None:
+        lost = isinstance(piece.error, (PeerError, HandleExpiredError)) and piece.num_output_tokens == 0
+        if lost and self.attempts > 0:
+            self.service.encoders.count_retry()
+            self.service.encode_workers.submit(self.run)
+        else:
+            self.emit(piece)
 
 
 def merge_pieces(batch: list[tuple[object, Piece]]) -> list[tuple[object, Piece]]:

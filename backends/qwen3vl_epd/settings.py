@@ -1,4 +1,5 @@
-"""Model settings: config.pbtxt `parameters`, with EPD_CHECKPOINT overriding the checkpoint path."""
+"""Model settings: config.pbtxt `parameters`, each overridden by an `EPD_<NAME>` environment variable
+(EPD_CHECKPOINT, EPD_ENCODERS, ...), which is how `scripts/serve --role` configures a server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny"
+ENV_PREFIX = "EPD_"
 
 
 @dataclass
@@ -23,12 +25,16 @@ class Settings:
     device: str = "cpu"
     torch_threads: int = 0  # intra-op threads of this process; 0: torch's default
     # Mooncake
-    mooncake_host: str = "127.0.0.1"
+    mooncake_host: str = "127.0.0.1"  # the address peers reach this process at; "auto": the default route's
     mooncake_protocol: str = "tcp"
     mooncake_device: str = ""
     mooncake_metadata_server: str = "P2PHANDSHAKE"
     mooncake_ports: str = ""  # "MIN-MAX": the range both Mooncake listeners take their ports from (firewalls)
-    allowed_encoder_hosts: list[str] = field(default_factory=list)  # empty: this host only
+    allowed_encoder_hosts: list[str] = field(default_factory=list)  # hosts or CIDR; empty: this host only
+    # the encoder pool (language side): a gRPC target, e.g. "ipv4:10.0.1.2:8001,10.0.2.2:8001" or "dns:///enc:8001"
+    encoders: str = "127.0.0.1:8001"
+    encode_timeout_s: float = 600.0  # bound on one encode (a large image on a CPU tower takes minutes)
+    encoder_wait_s: float = 10.0  # how long a request waits for a reachable encoder, then UNAVAILABLE
     handle_key_file: str = ""  # empty: EPD_HANDLE_KEY_FILE, EPD_HANDLE_KEY, else a key per server (signing.py)
     transfer_timeout_s: float = 5.0  # bound on a Mooncake connect, read or write; then UNAVAILABLE
     transfer_workers: int = 8  # threads that run the language side's Mooncake reads and release writes
@@ -58,7 +64,8 @@ class Settings:
 
     @classmethod
     def from_parameters(cls, params: dict, env: dict | None = None) -> Settings:
-        """From config.pbtxt parameters ({"key": {"string_value": "..."}} or plain strings)."""
+        """From config.pbtxt parameters ({"key": {"string_value": "..."}} or plain strings), then the
+        environment's EPD_<NAME> overrides."""
         env = os.environ if env is None else env
         values = {}
         types = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -67,8 +74,10 @@ class Settings:
                 raise ValueError(f"unknown parameter {key!r}; known: {', '.join(sorted(types))}")
             text = raw["string_value"] if isinstance(raw, dict) else str(raw)
             values[key] = _convert(types[key], text, key)
-        if env.get("EPD_CHECKPOINT"):
-            values["checkpoint"] = env["EPD_CHECKPOINT"]
+        for key, kind in types.items():
+            text = env.get(ENV_PREFIX + key.upper())
+            if text:
+                values[key] = _convert(kind, text, ENV_PREFIX + key.upper())
         return cls(**values)
 
     def apply_threads(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import EpdError
+from .errors import EpdError, InvalidInputError
 
 PROMPT_INPUTS = ("text_input", "image", "raw_prompt")
 SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop")
@@ -39,3 +39,12 @@ def sampling_fields(get) -> dict:
     fields = {name: first(get(name)) for name in SAMPLING_INPUTS if name != "stop"}
     fields["stop"] = [s.decode(errors="replace") for s in byte_items(get("stop"))]
     return fields
+
+
+def prompt_fields(get) -> tuple[str | None, list[bytes], bool]:
+    """(text_input, images, raw_prompt) of a request; InvalidInputError for text that is not UTF-8."""
+    try:
+        text = first(get("text_input"))
+    except UnicodeDecodeError:
+        raise InvalidInputError("text_input: not valid UTF-8") from None
+    return text, byte_items(get("image")), bool(first(get("raw_prompt")) or False)

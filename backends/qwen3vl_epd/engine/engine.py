@@ -15,6 +15,7 @@ from ..sampling import SamplingParams
 from ..settings import Settings
 from ..transfer import Puller
 from .kv_cache import PagedKVCache
+from .local_prompt import LocalPrompt
 from .model_runner import ModelRunner, PreparedChunk
 from .scheduler import Scheduler
 from .sequence import Piece, Sequence, Status
@@ -50,11 +51,12 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="epd-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, handle: bytes, params: SamplingParams, emit: Callable[[Piece], None],
+    def submit(self, prompt: bytes | str | LocalPrompt, params: SamplingParams, emit: Callable[[Piece], None],
                cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
-        """Validate the handle (EpdError here, before anything is queued) and queue the request."""
-        session = self.puller.open(handle)
-        length, limit = session.handle.length, self.config.max_model_len
+        """Check the prompt (a handle, opened here, or a LocalPrompt) against the limits (EpdError
+        here, before anything is queued) and queue the request."""
+        session = prompt if isinstance(prompt, LocalPrompt) else self.puller.open(prompt)
+        length, limit = session.length, self.config.max_model_len
         try:
             if self._stopping:
                 raise UnavailableError("language model is shutting down")
@@ -70,7 +72,7 @@ class Engine:
         except EpdError:
             session.close()
             raise
-        seq = Sequence(params, length, session.handle.mrope_delta, self.puller.chunk_tokens,
+        seq = Sequence(params, length, session.mrope_delta, self.puller.chunk_tokens,
                        Detokenizer(self.tokenizer, params.stop), session, emit, cancelled,
                        time.perf_counter() if arrived is None else arrived)
         with self._wake:
@@ -139,7 +141,7 @@ class Engine:
             try:
                 chunks.append(self.runner.prepare(seq, seq.rows))
             except ValueError as e:
-                self._finish(seq, None, HandleError(f"{seq.session.handle.name}: chunk {seq.next_chunk}: {e}"))
+                self._finish(seq, None, HandleError(f"{seq.session.name}: chunk {seq.next_chunk}: {e}"))
         return chunks
 
     def _run(self, chunks: list[PreparedChunk], decodes: list[Sequence]) -> None:

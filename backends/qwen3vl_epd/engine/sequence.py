@@ -15,6 +15,7 @@ from ..errors import EpdError
 from ..sampling import Sampler, SamplingParams
 from ..transfer import PullSession
 from .kv_cache import SequenceKV
+from .local_prompt import LocalPrompt
 
 _ids = itertools.count()
 
@@ -44,7 +45,7 @@ class Sequence:
     mrope_delta: int
     chunk_tokens: int  # prompt tokens per chunk: the pull and prefill unit
     detokenizer: Detokenizer
-    session: PullSession | None = None  # where the prompt's rows are read from (None: nothing to release)
+    session: PullSession | LocalPrompt | None = None  # where the prompt's rows come from
     emit: Callable[[Piece], None] = lambda piece: None
     cancelled: Callable[[], bool] = lambda: False
     arrived: float = field(default_factory=time.perf_counter)

@@ -3,6 +3,7 @@ caller's thread); each open handle is a PullSession (session.py)."""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 import time
@@ -27,6 +28,24 @@ def local_hosts() -> set[str]:
     except OSError:
         pass
     return names
+
+
+class HostAllowList:
+    """Encoder hosts a handle may name: names and addresses, CIDR networks, or "*" for any."""
+
+    def __init__(self, entries: set[str]):
+        self.any = "*" in entries
+        self.networks = [ipaddress.ip_network(e, strict=False) for e in entries if "/" in e]
+        self.names = {e for e in entries if "/" not in e}
+
+    def __contains__(self, host: str) -> bool:
+        if self.any or host in self.names:
+            return True
+        try:
+            address = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False
+        return any(address in net for net in self.networks)
 
 
 @dataclass
@@ -55,7 +74,7 @@ class Puller:
                  timeout_s: float = 5.0, workers: int = 8):
         self.buffers, self.transport, self.keys = buffers, transport, keys
         self.chunk_tokens, self.alloc_wait_s, self.timeout_s = chunk_tokens, alloc_wait_s, timeout_s
-        self.allowed_hosts = local_hosts() if allowed_hosts is None else set(allowed_hosts)
+        self.allowed_hosts = HostAllowList(local_hosts() if allowed_hosts is None else set(allowed_hosts))
         self.stats = PullStats()
         self.on_arrival: Callable[[], None] = lambda: None  # called on a worker when a transfer ends
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="epd-transfer")
@@ -82,7 +101,7 @@ class Puller:
                 f"{h.name} is for a model with hidden size {theirs[0]}, {theirs[1]} DeepStack levels, "
                 f"dtype {theirs[2]}; this language model has {ours[0]}, {ours[1]}, {ours[2]}")
         host = h.peer.rsplit(":", 1)[0]
-        if "*" not in self.allowed_hosts and host not in self.allowed_hosts:
+        if host not in self.allowed_hosts:
             raise HandleError(f"{h.name}: encoder host {host!r} is not in the allowed encoder hosts")
         if h.peer in self.stalled_peers:
             raise PeerError(f"encoder peer {h.peer} is not answering ({self.stalled_peers[h.peer]} waits "

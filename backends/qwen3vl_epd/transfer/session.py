@@ -50,6 +50,18 @@ class PullSession:
     def num_chunks(self) -> int:
         return blocks_for(self.handle.length, self.puller.chunk_tokens)
 
+    @property
+    def length(self) -> int:
+        return self.handle.length
+
+    @property
+    def mrope_delta(self) -> int:
+        return self.handle.mrope_delta
+
+    @property
+    def name(self) -> str:
+        return self.handle.name
+
     def fetch(self, k: int, wait_for_blocks: bool = False) -> EncodedPrompt | None:
         """Chunk k (tokens [k*chunk, (k+1)*chunk) with their own visual and DeepStack rows) once it
         has arrived, else None and its transfer is under way. Raises what the transfer raised, and

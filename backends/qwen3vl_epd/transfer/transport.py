@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 import torch
 
@@ -15,6 +16,7 @@ class MooncakeTransport:
 
     def __init__(self, host: str = "127.0.0.1", protocol: str = "tcp", device: str = "",
                  metadata_server: str = "P2PHANDSHAKE", timeout_s: float = 5.0, ports: str = ""):
+        host = advertised_host(host)
         self.options = (host, protocol, device, metadata_server, timeout_s, ports)
         os.environ.update(mooncake_env(timeout_s, ports))
         from mooncake.engine import TransferEngine
@@ -49,6 +51,20 @@ class MooncakeTransport:
     def write(self, peer: str, local: int, remote: int, length: int, what: str) -> None:
         if self.engine.transfer_sync_write(peer, local, remote, length) < 0:
             raise PeerError(f"encoder peer {peer} is unreachable or died while writing {what}")
+
+
+def advertised_host(host: str) -> str:
+    """The address peers reach this engine at; "auto": the source address of the default route (the
+    engine's listeners bind every address; this is only what the handle tells peers)."""
+    if host != "auto":
+        return host
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1; a UDP connect sends nothing, it only picks the route
+        except OSError as e:
+            raise ValueError(f"mooncake_host=auto: this host has no default route ({e}); set mooncake_host "
+                             "(EPD_MOONCAKE_HOST) to the address the other hosts reach it at") from None
+        return s.getsockname()[0]
 
 
 def mooncake_env(timeout_s: float, ports: str = "") -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Triton adapter `complete`: one request → encoder, then language (stream off) by BLS → one response."""
+"""Triton adapter `complete`: one request → language (stream off) by BLS → one response."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,14 +23,9 @@ def _run(request, settings):
         check_request(first(ta.read(request, "text_input")), sampling_fields(lambda n: ta.read(request, n)), settings)
     except EpdError as e:
         return ta.exception_response(e)
-    encoded = pb_utils.InferenceRequest(model_name="encoder", requested_output_names=["handle"],
-                                        inputs=ta.present(request, PROMPT_INPUTS + SAMPLING_INPUTS)).exec()
-    if encoded.has_error():
-        return _failed(encoded.error())
-    handle = pb_utils.get_output_tensor_by_name(encoded, "handle")
     stream = pb_utils.Tensor("stream", np.array([[False]]))
     generate = pb_utils.InferenceRequest(model_name="language", requested_output_names=list(OUTPUTS),
-                                         inputs=[handle, stream, *ta.present(request, SAMPLING_INPUTS)])
+                                         inputs=[stream, *ta.present(request, PROMPT_INPUTS + SAMPLING_INPUTS)])
     for response in generate.exec(decoupled=True):
         if response.has_error():
             return _failed(response.error())

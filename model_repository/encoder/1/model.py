@@ -1,8 +1,9 @@
 """Triton adapter of the encoder: requests → qwen3vl_epd EncoderService → handles (BYTES)."""
 
 from qwen3vl_epd import triton_adapter as ta
+from qwen3vl_epd.errors import EpdError
 from qwen3vl_epd.serving import EncodeRequest, EncoderService
-from qwen3vl_epd.triton_io import byte_items, first, sampling_fields
+from qwen3vl_epd.triton_io import prompt_fields, sampling_fields
 
 COUNTERS = {
     "seconds": ("epd_encode_seconds_total", "Seconds spent encoding (decode, vision tower, staging)"),
@@ -25,14 +26,11 @@ class TritonPythonModel:
     def execute(self, requests):
         parsed, responses = [], [None] * len(requests)
         for i, request in enumerate(requests):
-            try:
-                text = first(ta.read(request, "text_input"))
-            except UnicodeDecodeError:
-                responses[i] = ta.error_response("text_input: not valid UTF-8", "INVALID_ARG")
-                continue
             get = lambda name, r=request: ta.read(r, name)  # noqa: E731
-            parsed.append((i, EncodeRequest(text, byte_items(get("image")), bool(first(get("raw_prompt")) or False),
-                                            sampling_fields(get))))
+            try:
+                parsed.append((i, EncodeRequest(*prompt_fields(get), sampling_fields(get))))
+            except EpdError as e:
+                responses[i] = ta.exception_response(e)
         results = self.service.encode([r for _, r in parsed])
         for (i, _), result in zip(parsed, results):
             if isinstance(result, Exception):

@@ -1,4 +1,5 @@
-"""Triton adapter of the language model (decoupled): handle + sampling → the engine → streamed text."""
+"""Triton adapter of the language model (decoupled), the client-facing door: prompt + images (or a
+handle) + sampling → LanguageService → streamed text."""
 
 import dataclasses
 import queue
@@ -9,8 +10,8 @@ import triton_python_backend_utils as pb_utils
 
 from qwen3vl_epd import triton_adapter as ta
 from qwen3vl_epd.errors import EpdError
-from qwen3vl_epd.serving import LanguageService, merge_pieces
-from qwen3vl_epd.triton_io import first, sampling_fields
+from qwen3vl_epd.serving import EncodeRequest, LanguageService, merge_pieces
+from qwen3vl_epd.triton_io import first, prompt_fields, sampling_fields
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 COUNTERS = {
@@ -19,6 +20,7 @@ COUNTERS = {
     "ttft": ("epd_time_to_first_token_seconds_total", "Sum of times to first token"),
     "first_tokens": ("epd_first_tokens_total", "Requests that produced a first token"),
     "tokens": ("epd_output_tokens_total", "Output tokens generated"),
+    "retries": ("epd_encode_retries_total", "Encodes sent again because their encoder became unreachable"),
 }
 
 
@@ -43,15 +45,20 @@ class TritonPythonModel:
 
     def _submit(self, request, arrived):
         sender = request.get_response_sender()
-        handle = ta.read(request, "handle").reshape(-1)[0]
+        get = lambda name: ta.read(request, name)  # noqa: E731
+        handle = first(get("handle"), bytes)
         try:
             try:
-                params = self.service.sampling(**sampling_fields(lambda name: ta.read(request, name)))
+                params = self.service.sampling(**sampling_fields(get))
             except EpdError as bad_request:
-                self.service.release(handle)  # the encoder staged this request: give its blocks back
+                if handle is not None:
+                    self.service.release(handle)  # the encoder staged this request: give its blocks back
                 raise bad_request
-            stream = bool(first(ta.read(request, "stream")) or False)
-            self.service.submit(handle, params, self._emitter(sender, stream), request.is_cancelled, arrived)
+            emit = self._emitter(sender, bool(first(get("stream")) or False))
+            if handle is not None:
+                self.service.submit(handle, params, emit, request.is_cancelled, arrived)
+            else:
+                self.service.generate(EncodeRequest(*prompt_fields(get)), params, emit, request.is_cancelled, arrived)
         except EpdError as e:
             sender.send(ta.exception_response(e), flags=FINAL)
             self._update_metrics()
@@ -105,4 +112,5 @@ class TritonPythonModel:
         engine, stats = self.service.engine, self.service.puller.stats
         self.metrics.report({
             "bytes": stats.bytes_read, "seconds": stats.seconds, "ttft": engine.ttft_seconds,
-            "first_tokens": engine.ttft_count, "tokens": engine.output_tokens, **engine.in_use()})
+            "first_tokens": engine.ttft_count, "tokens": engine.output_tokens,
+            "retries": self.service.encoders.retries, **engine.in_use()})
