@@ -18,6 +18,15 @@ def pytest_collection_modifyitems(config, items):
             raise pytest.UsageError(f"{item.nodeid} has tier markers {tiers}; it needs exactly one of {TIERS}")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """Skipped namespace tests are said out loud: they are the only proof of the multi-host roles."""
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "NETWORK NAMESPACE TESTS SKIPPED" in reason:
+            terminalreporter.write_sep("!", reason.removeprefix("Skipped: "), red=True, bold=True)
+            return
+
+
 @pytest.fixture(scope="session")
 def checkpoint() -> str:
     path = Path(os.environ.get("EPD_TINY_CHECKPOINT", ROOT / "checkpoints" / "tiny"))

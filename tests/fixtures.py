@@ -45,6 +45,18 @@ REJECTED = {  # name → what the error message must say
 }
 
 
+def noise_jpeg(side: int, seed: int = 0) -> bytes:
+    """A side×side JPEG of noise: a large image that is slow to encode (2048: seconds on the tiny tower)."""
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
 def image_bytes(name: str) -> bytes:
     return (IMAGES / name).read_bytes()
 

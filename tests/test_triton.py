@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import ACCEPTED, IMAGES, REJECTED, ROOT, image_bytes, language_request_inputs, prompt_inputs
+from fixtures import (ACCEPTED, IMAGES, REJECTED, ROOT, image_bytes, language_request_inputs, noise_jpeg,
+                      prompt_inputs)
 from reference import reference_greedy
 from tritonserver import TritonServer
 
@@ -130,62 +131,24 @@ def test_missing_text_input(server):
     assert e.value.code == 400 and "text_input" in e.value.read().decode()
 
 
-def _language_stream(server, handle: bytes, max_tokens: int = 2) -> str:
-    """Send a handle straight to the language model; the error message, or '' on success."""
-    import queue
-
-    import tritonclient.grpc as grpcclient
-
-    results = queue.Queue()
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    t = grpcclient.InferInput("handle", [1, 1], "BYTES")
-    t.set_data_from_numpy(np.array([[handle]], dtype=np.object_))
-    m = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-    m.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
-    client.async_stream_infer("language", [t, m])
-    try:
-        while True:
-            result, error = results.get(timeout=60)
-            if error is not None:
-                return error.message()
-            if result.as_numpy("finish_reason").reshape(-1)[0]:
-                return ""
-    finally:
-        client.stop_stream()
-        client.close()
-
-
-def _encoder_handle(server) -> bytes:
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(server.http_url)
-    t = httpclient.InferInput("text_input", [1, 1], "BYTES")
-    t.set_data_from_numpy(np.array([[b"Hello"]], dtype=np.object_))
-    try:
-        return client.infer("encoder", [t]).as_numpy("handle").reshape(-1)[0]
-    finally:
-        client.close()
-
-
 def test_forged_and_malformed_handles_sent_to_language(server):
-    assert "malformed handle" in _language_stream(server, b"{not json")
-    assert "max_tokens: 0 is outside 1..4096" in _language_stream(server, b"{not json", max_tokens=0)
-    staged = _encoder_handle(server)
-    assert "max_tokens: 0 is outside" in _language_stream(server, staged, max_tokens=0)  # and its slot is released
-    real = _encoder_handle(server)
+    assert "malformed handle" in server.send_handle(b"{not json")
+    assert "max_tokens: 0 is outside 1..4096" in server.send_handle(b"{not json", max_tokens=0)
+    staged = server.encode_handle()
+    assert "max_tokens: 0 is outside" in server.send_handle(staged, max_tokens=0)  # and its slot is released
+    real = server.encode_handle()
     forged = json.loads(real)
     forged["nonce"] += 1
-    assert "handle signature is missing or wrong" in _language_stream(server, json.dumps(forged).encode())
+    assert "handle signature is missing or wrong" in server.send_handle(json.dumps(forged).encode())
     elsewhere = {**json.loads(real), "peer": "192.0.2.1:4000"}
-    assert "handle signature is missing or wrong" in _language_stream(server, json.dumps(elsewhere).encode())
+    assert "handle signature is missing or wrong" in server.send_handle(json.dumps(elsewhere).encode())
     unsigned = {k: v for k, v in json.loads(real).items() if k != "signature"}
-    assert "handle signature is missing or wrong" in _language_stream(server, json.dumps(unsigned).encode())
-    assert _language_stream(server, real) == ""  # the genuine handle still works, and is released
-    assert "was already opened on this server" in _language_stream(server, real)  # a replay
-    twice = _encoder_handle(server)
+    assert "handle signature is missing or wrong" in server.send_handle(json.dumps(unsigned).encode())
+    assert server.send_handle(real) == ""  # the genuine handle still works, and is released
+    assert "was already opened on this server" in server.send_handle(real)  # a replay
+    twice = server.encode_handle()
     with ThreadPoolExecutor(2) as pool:
-        outcomes = sorted(pool.map(lambda _: _language_stream(server, twice), range(2)))
+        outcomes = sorted(pool.map(lambda _: server.send_handle(twice), range(2)))
     assert outcomes[0] == "" and "was already opened on this server" in outcomes[1]  # served once
     assert_pools_empty(server)
 
@@ -203,6 +166,22 @@ def test_16_concurrent_requests(server, expected):
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(run, enumerate(jobs)))
     assert results == [expected[c][0] for c in jobs]
+    assert_pools_empty(server)
+
+
+def test_text_only_never_waits_behind_vision_work(server):
+    """A text-only prompt sent while a large image is being encoded gets its first token before
+    that encode ends (the encoder's request counter has not moved yet)."""
+    encodes = lambda: sum(server.metric_values("epd_encode_requests_total").values())  # noqa: E731
+    before = encodes()
+    big = noise_jpeg(2048)  # seconds of encoding on the tiny tower
+    with ThreadPoolExecutor(1) as pool:
+        image_job = pool.submit(lambda: text_of(generate(server.grpc_url, "Describe this.", [big], max_tokens=1)))
+        time.sleep(0.5)  # the big image is in the encoder now
+        first = next(iter(generate(server.grpc_url, "Hi!", stream=True, max_tokens=4)))
+        assert first.text and encodes() == before, "the text-only request waited for the image's encode"
+        assert image_job.result()[1].num_output_tokens == 1
+    assert encodes() >= before + 1
     assert_pools_empty(server)
 
 
@@ -226,7 +205,7 @@ def _cancel_stream(server):
     results = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("language", language_request_inputs(_encoder_handle(server)))
+    client.async_stream_infer("language", language_request_inputs(server.encode_handle()))
     for _ in range(2):
         result, error = results.get(timeout=60)
         assert error is None
@@ -245,7 +224,7 @@ def _kill_client(server):
         "c.async_stream_infer('language', language_request_inputs(sys.argv[2].encode()))\n"
         "q.get(); print('streaming', flush=True); time.sleep(600)\n")
     cli = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", script, server.grpc_url,
-                            _encoder_handle(server).decode()], cwd=ROOT, stdout=subprocess.PIPE)
+                            server.encode_handle().decode()], cwd=ROOT, stdout=subprocess.PIPE)
     assert cli.stdout.readline().strip() == b"streaming"
     cli.kill()
     cli.wait()

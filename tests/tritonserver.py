@@ -1,6 +1,7 @@
 """A real tritonserver process on free ports, started the way scripts/serve starts it."""
 
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -8,6 +9,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,39 +26,49 @@ def free_ports(n: int) -> list[int]:
 
 
 class TritonServer:
-    def __init__(self, log_path: Path, env: dict | None = None, timeout: float = 180.0, args: list[str] = ()):
-        self.http, self.grpc, self.metrics = free_ports(3)
+    """`netns`: run inside that network namespace, on its address `host` and the default ports.
+    `wait=False`: return at once; call wait_ready() (servers start side by side)."""
+
+    def __init__(self, log_path: Path, env: dict | None = None, timeout: float = 180.0, args: list[str] = (),
+                 netns: str | None = None, host: str = "127.0.0.1", wait: bool = True):
+        self.host, self.log_path, self.timeout = host, log_path, timeout
+        self.http, self.grpc, self.metrics = (8000, 8001, 8002) if netns else free_ports(3)
         self.log = open(log_path, "w")
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "qwen3vl_epd.launch", f"--http-port={self.http}", f"--grpc-port={self.grpc}",
-             f"--metrics-port={self.metrics}", *args],
+            [*prefix, sys.executable, "-m", "qwen3vl_epd.launch", f"--http-port={self.http}",
+             f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}", *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             start_new_session=True)
-        deadline = time.monotonic() + timeout
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}; see {log_path}")
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}; see {self.log_path}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/v2/health/ready", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
                     if r.status == 200:
                         return
             except OSError:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"tritonserver not ready after {timeout} s; see {log_path}")
+        raise RuntimeError(f"tritonserver not ready after {self.timeout} s; see {self.log_path}")
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc}"
+        return f"{self.host}:{self.grpc}"
 
     @property
     def http_url(self) -> str:
-        return f"127.0.0.1:{self.http}"
+        return f"{self.host}:{self.http}"
 
     def metric_values(self, name: str) -> dict[str, float]:
         """{labels: value} of one metric family from the metrics endpoint."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://{self.host}:{self.metrics}/metrics", timeout=5) as r:
             text = r.read().decode()
         out = {}
         for line in text.splitlines():
@@ -64,7 +77,50 @@ class TritonServer:
                 out[key[len(name):]] = float(value)
         return out
 
+    def send_handle(self, handle: bytes, max_tokens: int = 2) -> str:
+        """Send a handle straight to the language model; the error message, or '' on success."""
+        import tritonclient.grpc as grpcclient
+
+        results = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        t = grpcclient.InferInput("handle", [1, 1], "BYTES")
+        t.set_data_from_numpy(np.array([[handle]], dtype=np.object_))
+        m = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+        m.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
+        client.async_stream_infer("language", [t, m])
+        try:
+            while True:
+                result, error = results.get(timeout=60)
+                if error is not None:
+                    return error.message()
+                if result.as_numpy("finish_reason").reshape(-1)[0]:
+                    return ""
+        finally:
+            client.stop_stream()
+            client.close()
+
+    def encode_handle(self, text: bytes = b"Hello") -> bytes:
+        """A handle staged by this server's encoder model."""
+        import tritonclient.http as httpclient
+
+        client = httpclient.InferenceServerClient(self.http_url)
+        t = httpclient.InferInput("text_input", [1, 1], "BYTES")
+        t.set_data_from_numpy(np.array([[text]], dtype=np.object_))
+        try:
+            return client.infer("encoder", [t]).as_numpy("handle").reshape(-1)[0]
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL to tritonserver and its model processes: a crash, nothing cleaned up."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+
     def stop(self) -> None:
+        if self.log.closed:
+            return
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGINT)
             try:

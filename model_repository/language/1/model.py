@@ -29,14 +29,18 @@ class TritonPythonModel:
         config = ta.model_config(args)
         self.outputs = ta.Outputs(config)
         self.metrics = ta.Metrics("language", ["slots", "token_blocks", "visual_blocks", "kv_blocks"], COUNTERS)
-        self.metrics_at = 0.0
         # Responses go out on their own thread: a send is a blocking round trip to the server
         # process, and the engine's next forward should not wait for it. Pieces that queue up
         # meanwhile for the same request leave as one response.
         self.outbox = queue.SimpleQueue()
         self.sender_thread = threading.Thread(target=self._send_loop, daemon=True)
         self.sender_thread.start()
-        self.service = LanguageService(ta.settings(config), self._on_step)
+        self.service = LanguageService(ta.settings(config))
+        # Live gauges from their own thread: no IPC call on the engine's step, and a slot freed
+        # after the last step (a release write returning) is still seen.
+        self.stopping = threading.Event()
+        self.metrics_thread = threading.Thread(target=self._metrics_loop, daemon=True)
+        self.metrics_thread.start()
 
     def execute(self, requests):
         for request in requests:
@@ -103,14 +107,18 @@ class TritonPythonModel:
 
         return emit
 
-    def _on_step(self):
-        if time.monotonic() - self.metrics_at > 0.1:  # live gauges without an IPC call every step
+    def _metrics_loop(self):
+        while not self.stopping.wait(0.1):
             self._update_metrics()
 
     def _update_metrics(self):
-        self.metrics_at = time.monotonic()
         engine, stats = self.service.engine, self.service.puller.stats
         self.metrics.report({
             "bytes": stats.bytes_read, "seconds": stats.seconds, "ttft": engine.ttft_seconds,
             "first_tokens": engine.ttft_count, "tokens": engine.output_tokens,
             "retries": self.service.encoders.retries, **engine.in_use()})
+
+    def finalize(self):
+        self.stopping.set()
+        self.service.close()
+        self.outbox.put(None)
