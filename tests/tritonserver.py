@@ -27,14 +27,14 @@ def free_ports(n: int) -> list[int]:
 
 class TritonServer:
     """`netns`: run inside that network namespace, on its address `host` and the default ports.
-    `wait=False`: return at once; call wait_ready() (servers start side by side)."""
+    `cpus`: pinned to these cores (taskset list). `wait=False`: return at once; call wait_ready()."""
 
     def __init__(self, log_path: Path, env: dict | None = None, timeout: float = 180.0, args: list[str] = (),
-                 netns: str | None = None, host: str = "127.0.0.1", wait: bool = True):
+                 netns: str | None = None, host: str = "127.0.0.1", wait: bool = True, cpus: str | None = None):
         self.host, self.log_path, self.timeout = host, log_path, timeout
         self.http, self.grpc, self.metrics = (8000, 8001, 8002) if netns else free_ports(3)
         self.log = open(log_path, "w")
-        prefix = ["ip", "netns", "exec", netns] if netns else []
+        prefix = (["ip", "netns", "exec", netns] if netns else []) + (["taskset", "-c", cpus] if cpus else [])
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "qwen3vl_epd.launch", f"--http-port={self.http}",
              f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}", *args],
