@@ -31,3 +31,13 @@ def test_types_env_override_and_unknown_keys():
     with pytest.raises(ValueError, match="'chunk_tokens': 'many' is not a valid int"):
         Settings.from_parameters({"chunk_tokens": "many"}, env={})
     json.dumps(Settings().__dict__)  # plain values only
+
+
+def test_every_setting_has_an_environment_override():
+    s = Settings.from_parameters({"encoders": "127.0.0.1:8001", "encoder_wait_s": "10"},
+                                 env={"EPD_ENCODERS": "ipv4:10.0.1.2:8001,10.0.2.2:8001", "EPD_ENCODER_WAIT_S": "2.5",
+                                      "EPD_ALLOWED_ENCODER_HOSTS": "10.0.0.0/16, enc.example"})
+    assert s.encoders == "ipv4:10.0.1.2:8001,10.0.2.2:8001" and s.encoder_wait_s == 2.5
+    assert s.allowed_encoder_hosts == ["10.0.0.0/16", "enc.example"]
+    with pytest.raises(ValueError, match="'EPD_CHUNK_TOKENS': 'x' is not a valid int"):
+        Settings.from_parameters({}, env={"EPD_CHUNK_TOKENS": "x"})

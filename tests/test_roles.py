@@ -1,0 +1,112 @@
+"""Multi-host roles without servers: role settings, the encoder allow-list, the advertised address,
+and the encoder pool's bounded wait when no encoder is reachable."""
+
+import ipaddress
+import threading
+import time
+
+import pytest
+from tritonserver import free_ports
+
+from qwen3vl_epd.encoder_pool import EncoderPool
+from qwen3vl_epd.errors import UnavailableError
+from qwen3vl_epd.launch import command, role_env, target_hosts
+from qwen3vl_epd.transfer.puller import HostAllowList
+from qwen3vl_epd.transfer.transport import advertised_host
+
+pytestmark = pytest.mark.unit
+KEYED = {"EPD_HANDLE_KEY": "ab" * 32}
+
+
+def test_target_hosts():
+    assert target_hosts("ipv4:10.0.1.2:8001,10.0.2.2:8001") == ["10.0.1.2", "10.0.2.2"]
+    assert target_hosts("ipv6:[fd00::2]:8001") == ["fd00::2"]
+    assert target_hosts("enc1:8001") == ["enc1"]
+    assert target_hosts("dns:///encoders.example:8001") == []
+
+
+def test_role_settings():
+    assert role_env("all", 9001, {}) == {"EPD_ENCODERS": "127.0.0.1:9001"}
+    assert role_env("all", 9001, {"EPD_ENCODERS": "x:1"}) == {}  # the environment wins
+    with pytest.raises(SystemExit, match="must share a handle key"):
+        role_env("encoder", 8001, {})
+    assert role_env("encoder", 8001, KEYED) == {"EPD_MOONCAKE_HOST": "auto"}
+    with pytest.raises(SystemExit, match="needs the encoder pool"):
+        role_env("language", 8001, KEYED)
+    got = role_env("language", 8001, {**KEYED, "EPD_ENCODERS": "ipv4:10.0.1.2:8001,10.0.2.2:8001"})
+    assert got == {"EPD_MOONCAKE_HOST": "auto", "EPD_ALLOWED_ENCODER_HOSTS": "10.0.1.2,10.0.2.2"}
+    with pytest.raises(SystemExit, match="--allowed-encoder-hosts"):
+        role_env("language", 8001, {**KEYED, "EPD_ENCODERS": "dns:///enc:8001"})
+
+
+def test_roles_load_only_their_models(monkeypatch):
+    monkeypatch.setenv("EPD_HANDLE_KEY", "ab" * 32)
+    argv, _ = command(role="encoder")
+    assert "--model-control-mode=explicit" in argv and "--load-model=encoder" in argv
+    assert not any(a.startswith("--load-model=") and a != "--load-model=encoder" for a in argv)
+    monkeypatch.setenv("EPD_ENCODERS", "ipv4:10.0.1.2:8001")
+    argv, env = command(role="language")
+    assert {"--load-model=language", "--load-model=ensemble", "--load-model=complete"} <= set(argv)
+    assert "--load-model=encoder" not in argv and env["EPD_ALLOWED_ENCODER_HOSTS"] == "10.0.1.2"
+    argv, env = command(grpc_port=9001)  # all: every model, the encoder reached through this server
+    assert not any(a.startswith("--load-model") for a in argv)
+
+
+def test_allow_list_names_and_networks():
+    allowed = HostAllowList({"10.0.1.0/24", "enc.example", "fd00::/64"})
+    assert "10.0.1.7" in allowed and "enc.example" in allowed and "[fd00::2]" in allowed
+    assert "10.0.2.7" not in allowed and "enc2.example" not in allowed and "127.0.0.1" not in allowed
+    assert "10.9.9.9" in HostAllowList({"*"})
+
+
+def test_advertised_host():
+    assert advertised_host("10.0.1.2") == "10.0.1.2"
+    try:
+        auto = advertised_host("auto")
+    except ValueError as e:  # a machine without a default route says what to set
+        assert "set mooncake_host" in str(e)
+    else:
+        assert not ipaddress.ip_address(auto).is_loopback
+
+
+def test_no_reachable_encoder_is_unavailable_within_the_bound():
+    port = free_ports(1)[0]  # nothing listens there
+    pool = EncoderPool(f"ipv4:127.0.0.1:{port}", wait_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(UnavailableError, match=f"no encoder of the pool 'ipv4:127.0.0.1:{port}' is reachable"):
+        pool.encode("Describe.", [b"\xff\xd8"])
+    assert time.monotonic() - t0 < 3
+    pool.close()
+
+
+def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
+    """RemotePrompt's rule alone, with the pool and engine stood in by their call records: a lost
+    pull (PeerError, HandleExpiredError) before any token re-encodes, up to ENCODE_ATTEMPTS."""
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from qwen3vl_epd.engine.sequence import Piece
+    from qwen3vl_epd.errors import InvalidInputError, PeerError
+    from qwen3vl_epd.serving import ENCODE_ATTEMPTS, EncodeRequest, RemotePrompt
+
+    def run(outcomes):
+        """outcomes: what each pull ends with; returns (encodes, pieces the client saw)."""
+        encodes, seen, told = [], [], threading.Event()
+        outcomes = iter(outcomes)
+        pool = SimpleNamespace(encode=lambda *a: encodes.append(a) or b"handle", count_retry=lambda: None)
+        engine = SimpleNamespace(submit=lambda handle, params, emit, *a: emit(next(outcomes)))
+        with ThreadPoolExecutor(1) as workers:
+            service = SimpleNamespace(encoders=pool, engine=engine, encode_workers=workers)
+            emit = lambda piece: seen.append(piece) or told.set()  # noqa: E731
+            RemotePrompt(service, EncodeRequest("x", [b"img"]), None, emit, lambda: False, None).run()
+            assert told.wait(10)
+        return len(encodes), seen
+
+    lost, done = Piece("", None, 0, 0, PeerError("encoder peer gone")), Piece("ok", "stop", 3, 1)
+    assert run([lost, done]) == (2, [done])
+    n, seen = run([lost] * ENCODE_ATTEMPTS)
+    assert n == ENCODE_ATTEMPTS and seen == [lost]  # then the client is told
+    bad = Piece("", None, 0, 0, InvalidInputError("image 0: cannot decode image"))
+    assert run([bad]) == (1, [bad])
+    late = Piece("", None, 0, 2, PeerError("encoder peer gone"))  # tokens were already sent: no retry
+    assert run([late]) == (1, [late])
