@@ -1,10 +1,12 @@
-"""Client for the `ensemble` model: gRPC (stream_infer) or HTTP (generate, generate_stream)."""
+"""Client for the `language` model (the door; `ensemble` takes the same inputs): gRPC (stream_infer)
+or HTTP (generate, generate_stream). Errors are RequestError with the Triton code as `code`."""
 
 from __future__ import annotations
 
 import base64
 import json
 import queue
+import re
 import threading
 import urllib.error
 import urllib.request
@@ -25,12 +27,22 @@ class Response:
     num_output_tokens: int
 
 
-class RequestError(Exception):
-    """The server refused or failed the request; `code` is the Triton/gRPC/HTTP status."""
+# The server puts the code at the front of every error message ("[INVALID_ARG] ..."): the one
+# way it reaches a gRPC stream client, which gets no status code from tritonserver 2.51.
+_CODE = re.compile(r"\[([A-Z_]+)\] ")
+_BY_STATUS = {"400": "INVALID_ARG", "503": "UNAVAILABLE", "499": "CANCELLED", "StatusCode.INVALID_ARGUMENT":
+              "INVALID_ARG", "StatusCode.UNAVAILABLE": "UNAVAILABLE", "StatusCode.CANCELLED": "CANCELLED"}
 
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code, self.message = code, message
+
+class RequestError(Exception):
+    """The server refused or failed the request. `code`: INVALID_ARG (fix the request), UNAVAILABLE
+    (retry later), CANCELLED or INTERNAL; `status`: the transport's own (HTTP status, gRPC code)."""
+
+    def __init__(self, status: str | None, message: str):
+        found = _CODE.search(message)
+        self.code = found.group(1) if found else _BY_STATUS.get(str(status), "INTERNAL")
+        self.status, self.message = status, message
+        super().__init__(f"{self.code}: {message}")
 
 
 def data_url(image: bytes) -> str:
@@ -40,7 +52,7 @@ def data_url(image: bytes) -> str:
 
 
 def generate(url: str, prompt: str, images: list[bytes] = (), protocol: str = "grpc", stream: bool = False,
-             model: str = "ensemble", timeout: float = 300.0, **sampling) -> Iterator[Response]:
+             model: str = "language", timeout: float = 300.0, **sampling) -> Iterator[Response]:
     """Send one request; yields responses as they arrive. `sampling`: max_tokens, temperature,
     top_p, top_k, seed, stop, raw_prompt, ignore_eos."""
     fields = {k: v for k, v in sampling.items() if v is not None}
@@ -109,9 +121,9 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
         while True:
             result, error = results.get(timeout=timeout)
             if error is not None:
-                raise RequestError(str(error.status()), error.message())
+                raise RequestError(error.status(), error.message())
             if result.as_numpy("text_output") is None:
-                raise RequestError("no response", "the server ended the request without output")
+                raise RequestError(None, "the server ended the request without output")
             r = Response(
                 text=result.as_numpy("text_output").reshape(-1)[0].decode(),
                 finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
@@ -142,7 +154,7 @@ def _http(url, model, prompt, images, stream, fields, timeout):
                     continue
                 msg = json.loads(line.removeprefix("data:"))
                 if "error" in msg:
-                    raise RequestError("error", msg["error"])
+                    raise RequestError(None, msg["error"])
                 r = Response(msg["text_output"], msg["finish_reason"], msg["num_input_tokens"], msg["num_output_tokens"])
                 yield r
                 if r.finish_reason:

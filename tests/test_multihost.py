@@ -153,7 +153,8 @@ def test_no_encoder_is_unavailable_within_the_bound_and_a_restart_serves_again(c
     with pytest.raises(RequestError) as e:
         ask(cluster, "landscape")
     assert time.monotonic() - t0 < WAIT_S + 5
-    assert "no encoder of the pool" in e.value.message and cluster.pool in e.value.message
+    assert e.value.code == "UNAVAILABLE" and "no encoder of the pool" in e.value.message
+    assert cluster.pool in e.value.message
     assert ask(cluster, "sea") == expected["sea"]  # text only needs no encoder
     cluster.restart("enc1")
     deadline = time.monotonic() + 30

@@ -58,12 +58,14 @@ def assert_pools_empty(server, timeout=5.0):
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("model", ["language", "ensemble"])
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("case", CASES)
-def test_ensemble_equals_transformers(server, expected, case, protocol, stream):
+def test_doors_equal_transformers(server, expected, case, protocol, stream, model):
     text, images = prompt_inputs(case)
-    responses = list(generate(url(server, protocol), text, images, protocol, stream, max_tokens=MAX_TOKENS))
+    responses = list(generate(url(server, protocol), text, images, protocol, stream, model=model,
+                              max_tokens=MAX_TOKENS))
     want_text, want_n = expected[case]
     got_text, last = text_of(iter(responses))
     assert got_text == want_text
@@ -102,8 +104,9 @@ def test_bad_inputs_are_invalid_arg_and_lose_nothing(server, protocol):
     def rejected(prompt, images=(), **fields):
         with pytest.raises(RequestError) as e:
             text_of(generate(u, prompt, list(images), protocol, stream=True, **fields))
-        if protocol == "http":  # gRPC stream errors carry only the message
-            assert e.value.code == "400", e.value
+        assert e.value.code == "INVALID_ARG", e.value  # gRPC streams too: the code is in the message
+        if protocol == "http":
+            assert e.value.status == "400", e.value
         return e.value.message
 
     for fields, message in BAD_FIELDS:
@@ -306,5 +309,5 @@ def test_http_infer_on_complete(server, expected):
     _, error = _complete(server, "Hi", max_tokens=0)
     assert error[0] == "400" and "max_tokens: 0 is outside 1..4096" in error[1]
     _, error = _complete(server, "Hi", [image_bytes("truncated.jpg")])
-    assert "image 0: cannot decode image" in error[1]  # (its code is lost on the BLS hop in 2.51)
+    assert error[0] == "400" and "[INVALID_ARG] image 0: cannot decode image" in error[1]  # across the BLS hop
     assert_pools_empty(server)

@@ -11,7 +11,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from .settings import Settings
-from .triton_io import error_code
+from .triton_io import coded_message, error_code, message_code
 
 BLOCKS_IN_USE = ("epd_buffer_blocks_in_use", "Blocks (or slots) in use per buffer pool")
 
@@ -35,10 +35,12 @@ def present(request, names) -> list:
     return [t for t in (pb_utils.get_input_tensor_by_name(request, n) for n in names) if t is not None]
 
 
-def error_response(message: str, code: str | int = "INTERNAL"):
-    """A response carrying a TritonError; `code` is a code name ("INVALID_ARG") or a TritonError code."""
-    code = getattr(pb_utils.TritonError, code) if isinstance(code, str) else code
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+def error_response(message: str, code: str = "INTERNAL"):
+    """A response carrying a TritonError with code `code` ("INVALID_ARG", ...), the message prefixed
+    with it (triton_io.CODE_PREFIX); a message passed on from another model keeps its own code."""
+    code = message_code(message) or code
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(coded_message(message, code),
+                                                                 getattr(pb_utils.TritonError, code)))
 
 
 def exception_response(exc: BaseException):

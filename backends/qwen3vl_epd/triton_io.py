@@ -3,6 +3,8 @@ Triton (the pb_utils side is triton_adapter.py)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .errors import EpdError, InvalidInputError
@@ -27,6 +29,23 @@ def byte_items(array: np.ndarray | None) -> list[bytes]:
     if array is None:
         return []
     return [bytes(x) for x in array.reshape(-1)]
+
+
+# Every error message starts with its code in brackets, "[INVALID_ARG] image 1: ...": gRPC stream
+# errors reach clients as a message only (tritonserver 2.51 sends no status code on a stream),
+# and BLS hands errors back as INTERNAL, so the code travels in the message itself.
+CODE_PREFIX = re.compile(r"\[(INVALID_ARG|UNAVAILABLE|CANCELLED|INTERNAL|NOT_FOUND|UNSUPPORTED|UNKNOWN)\] ")
+
+
+def coded_message(message: str, code: str) -> str:
+    """The message with its code in front, unless it carries one already (passed on from a model)."""
+    return message if CODE_PREFIX.search(message) else f"[{code}] {message}"
+
+
+def message_code(message: str) -> str | None:
+    """The code an error message carries, or None."""
+    found = CODE_PREFIX.search(message)
+    return found.group(1) if found else None
 
 
 def error_code(exc: BaseException) -> str:
