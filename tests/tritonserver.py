@@ -27,17 +27,21 @@ def free_ports(n: int) -> list[int]:
 
 class TritonServer:
     """`netns`: run inside that network namespace, on its address `host` and the default ports.
-    `cpus`: pinned to these cores (taskset list). `wait=False`: return at once; call wait_ready()."""
+    `cpus`: pinned to these cores (taskset list). `wait=False`: return at once; call wait_ready().
+    `supervised`: with scripts/serve's supervisor (its probes are real requests that move the
+    metrics, so tests that count tokens or encodes run without it)."""
 
     def __init__(self, log_path: Path, env: dict | None = None, timeout: float = 180.0, args: list[str] = (),
-                 netns: str | None = None, host: str = "127.0.0.1", wait: bool = True, cpus: str | None = None):
+                 netns: str | None = None, host: str = "127.0.0.1", wait: bool = True, cpus: str | None = None,
+                 supervised: bool = False):
         self.host, self.log_path, self.timeout = host, log_path, timeout
         self.http, self.grpc, self.metrics = (8000, 8001, 8002) if netns else free_ports(3)
         self.log = open(log_path, "w")
         prefix = (["ip", "netns", "exec", netns] if netns else []) + (["taskset", "-c", cpus] if cpus else [])
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "qwen3vl_epd.launch", f"--http-port={self.http}",
-             f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}", *args],
+             f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}",
+             *([] if supervised else ["--probe-interval-s=0"]), *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             start_new_session=True)
         if wait:
@@ -128,4 +132,8 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        try:  # a model process stuck at exit outlives tritonserver; it is still in the group
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.log.close()

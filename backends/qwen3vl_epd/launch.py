@@ -17,10 +17,13 @@ import sysconfig
 from pathlib import Path
 
 from .settings import REPO_ROOT
+from .supervisor import Probe, Supervisor
 from .transfer.signing import ENV_KEY, ENV_KEY_FILE, new_key
 
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 ROLE_MODELS = {"all": [], "encoder": ["encoder"], "language": ["language", "ensemble", "complete"]}
+ALL_MODELS = ["language", "ensemble", "complete", "encoder"]
+PROBED = {"all": ["language", "encoder"], "encoder": ["encoder"], "language": ["language"]}
 
 
 def pytriton_backend_dir(work_dir: Path) -> tuple[Path, Path]:
@@ -87,7 +90,9 @@ def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=
         env[ENV_KEY] = new_key()  # this server's handle key, shared by its model processes
     argv = [
         f"--model-repository={model_repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
-        f"--metrics-port={metrics_port}", "--allow-metrics=true", "--log-info=false", *extra,
+        f"--metrics-port={metrics_port}", "--allow-metrics=true", "--log-info=false",
+        "--exit-timeout-secs=20",  # its own graceful stop, within the supervisor's bound
+        *extra,
     ]
     if ROLE_MODELS[role]:
         argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in ROLE_MODELS[role])]
@@ -112,6 +117,9 @@ def main() -> None:
                         "the addresses in --encoders)")
     parser.add_argument("--mooncake-host", help="the address other hosts reach this one's Mooncake at "
                         "(multi-host roles: default auto, the default route's address)")
+    parser.add_argument("--probe-interval-s", type=float, default=float(os.environ.get("EPD_PROBE_INTERVAL_S", 1)),
+                        help="supervise: probe every model this often and restart tritonserver when one stops "
+                        "serving or it crashes (0: no supervisor, tritonserver replaces this process)")
     args, extra = parser.parse_known_args()
     for name in ("encoders", "allowed_encoder_hosts", "mooncake_host"):
         if getattr(args, name):
@@ -122,7 +130,12 @@ def main() -> None:
           f"metrics http://localhost:{args.metrics_port}/metrics\n"
           f"try: .venv/bin/python -m client --prompt 'Describe this image.' --image IMAGE --stream "
           f"--url localhost:{args.grpc_port}", flush=True)
-    os.execve(argv[0], argv, env)
+    if args.probe_interval_s <= 0:
+        os.execve(argv[0], argv, env)
+    probe = Probe(f"127.0.0.1:{args.grpc_port}", PROBED[args.role])
+    ready = (f"ready: HTTP http://localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, metrics "
+             f"http://localhost:{args.metrics_port}/metrics, models {', '.join(ROLE_MODELS[args.role] or ALL_MODELS)}")
+    sys.exit(Supervisor(argv, env, probe, interval_s=args.probe_interval_s, ready_message=ready).run())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,203 @@
+"""Supervisor: runs tritonserver, probes it with real tiny requests, and restarts it when it crashed
+or a model stopped serving. A dead or hung model process leaves tritonserver 2.51 answering
+"ready" while its requests hang forever; a restart drops their connections, so every client gets
+an error at once, and the server is back after one model load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROBE_PREFIX = "epd-probe-"  # the request id of probes (to tell them apart in logs)
+STOP_TIMEOUT_S = 25.0  # a stop (SIGTERM/SIGINT) ends within this, whatever state the server is in
+
+
+@dataclass
+class Probe:
+    """One real request per model the role serves, through the server's gRPC port."""
+
+    url: str
+    models: list[str]
+    timeout_s: float = 3.0
+
+    def failure(self) -> str | None:
+        """None when every model answered as expected, else what went wrong."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        client = grpcclient.InferenceServerClient(self.url)
+        try:
+            for model in self.models:
+                try:
+                    if model == "language":
+                        _language_probe(client, self.timeout_s)
+                    else:  # the encoder runs its request and rejects the image: nothing is staged
+                        _encoder_probe(client, self.timeout_s)
+                except InferenceServerException as e:
+                    return f"{model}: {e.message()}"
+            return None
+        finally:
+            client.close()
+
+
+def _bytes(name: str, value: bytes):
+    import tritonclient.grpc as grpcclient
+
+    t = grpcclient.InferInput(name, [1, 1], "BYTES")
+    return t.set_data_from_numpy(np.array([[value]], dtype=np.object_))
+
+
+def _encoder_probe(client, timeout_s: float) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        client.infer("encoder", [_bytes("text_input", b"probe"), _bytes("image", b"not an image")],
+                     request_id=PROBE_PREFIX + "encoder", client_timeout=timeout_s)
+    except InferenceServerException as e:
+        if "cannot decode image" in (e.message() or ""):
+            return
+        raise
+
+
+def _language_probe(client, timeout_s: float) -> None:
+    """One token of a text-only prompt: the model process, its engine thread and sampling."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put(error), stream_timeout=timeout_s)
+    tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
+    tokens.set_data_from_numpy(np.array([[1]], dtype=np.int32))
+    try:
+        client.async_stream_infer("language", [_bytes("text_input", b"probe"), tokens], request_id=PROBE_PREFIX + "language")
+        try:
+            error = results.get(timeout=timeout_s)
+        except queue.Empty:
+            raise InferenceServerException(f"no answer within {timeout_s:g} s") from None
+        if error is not None:
+            raise error
+    finally:
+        client.stop_stream(cancel_requests=True)
+
+
+class Supervisor:
+    """run(): start tritonserver; every `interval_s` probe it; after `failures` failed probes in a
+    row, or when it exits, kill it with its model processes and start it again (back-off 1 s
+    doubling to 30 s while restarts keep failing). SIGTERM/SIGINT stop it within STOP_TIMEOUT_S."""
+
+    def __init__(self, argv: list[str], env: dict, probe: Probe, interval_s: float = 1.0, failures: int = 2,
+                 startup_timeout_s: float = 600.0, ready_message: str = "ready", log=sys.stderr):
+        self.argv, self.env, self.probe = argv, env, probe
+        self.interval_s, self.failures, self.startup_timeout_s, self.log = interval_s, failures, startup_timeout_s, log
+        self.ready_message = ready_message
+        self.process: subprocess.Popen | None = None
+        self.stopping = self.served = False
+        self.restarts = 0
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        backoff = 1.0
+        while not self.stopping:
+            reason = self._serve_once()
+            if self.stopping:
+                break
+            self.restarts += 1
+            if self.served:
+                backoff = 1.0  # it was serving: a new fault, not a crash loop
+            self._say(f"restarting tritonserver ({reason}) in {backoff:g} s; restart {self.restarts}")
+            self._sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+        return self._stop()
+
+    def _serve_once(self) -> str:
+        """Start, wait until ready, then probe until something fails; why it has to restart."""
+        self.process = subprocess.Popen(self.argv, env=self.env)
+        self.served = False
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.stopping and self.probe.failure() is not None:
+            if self.process.poll() is not None:
+                return f"it exited with {self.process.returncode} while starting"
+            if time.monotonic() > deadline:
+                self._kill()
+                return f"not serving {self.startup_timeout_s:g} s after start"
+            self._sleep(0.5)
+        self.served = not self.stopping
+        if self.served:
+            self._say(self.ready_message)
+        failed = 0
+        while not self.stopping:
+            self._sleep(self.interval_s)
+            if self.process.poll() is not None:
+                return f"it exited with {self.process.returncode}"
+            why = self.probe.failure()
+            failed = failed + 1 if why else 0
+            if failed >= self.failures:
+                self._kill()
+                return f"probe failed {failed} times: {why}"
+        return "stopping"
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+        if self.process is not None and self.process.poll() is None and signum != signal.SIGINT:
+            self.process.send_signal(signum)  # SIGINT reached the whole process group already
+
+    def _stop(self) -> int:
+        if self.process is None:
+            return 0
+        stubs = children(self.process.pid)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._say(f"tritonserver did not stop within {STOP_TIMEOUT_S:g} s; killing it")
+            code = 0
+        # A model process can outlive tritonserver (stuck at exit): none is left behind.
+        self._kill(stubs)
+        return code
+
+    def _kill(self, stubs: dict[int, str] | None = None) -> None:
+        """SIGKILL tritonserver and its model processes, and remove their shared-memory regions."""
+        stubs = children(self.process.pid) if stubs is None else stubs
+        for pid in [*stubs, self.process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+        for region in stubs.values():
+            Path("/dev/shm", region).unlink(missing_ok=True)
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            time.sleep(min(0.1, end - time.monotonic()))
+
+    def _say(self, message: str) -> None:
+        print(f"supervisor: {message}", file=self.log, flush=True)
+
+
+def children(pid: int) -> dict[int, str]:
+    """Python backend stubs started by process `pid` → the shared-memory region each uses."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 2:
+            out[int(proc.name)] = argv[2].decode()
+    return out
