@@ -40,7 +40,12 @@ class RequestError(Exception):
 
     def __init__(self, status: str | None, message: str):
         found = _CODE.search(message)
-        self.code = found.group(1) if found else _BY_STATUS.get(str(status), "INTERNAL")
+        if found:
+            self.code = found.group(1)
+        elif "is not healthy" in message:  # tritonserver's own word for a model process that is gone
+            self.code = "UNAVAILABLE"
+        else:
+            self.code = _BY_STATUS.get(str(status), "INTERNAL")
         self.status, self.message = status, message
         super().__init__(f"{self.code}: {message}")
 
@@ -113,11 +118,21 @@ def _grpc_client(url: str):
 
 
 def _grpc(url, model, prompt, images, stream, fields, timeout):
+    from tritonclient.utils import InferenceServerException
+
     results: queue.Queue = queue.Queue()
     client = _grpc_client(url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
-        client.async_stream_infer(model, _grpc_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
+        try:
+            client.async_stream_infer(model, _grpc_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
+        except InferenceServerException as e:  # the stream broke at once (server gone): its cause, if known
+            try:
+                _, error = results.get(timeout=1)
+            except queue.Empty:
+                error = None
+            cause = error or e
+            raise RequestError(cause.status() or "StatusCode.UNAVAILABLE", cause.message()) from None
         while True:
             result, error = results.get(timeout=timeout)
             if error is not None:

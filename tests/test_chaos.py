@@ -155,3 +155,71 @@ def test_cancellation_storm_of_20(server):
         c.stop_stream(cancel_requests=True)
         c.close()
     pools_empty(server)
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_soak_1000_mixed_requests_with_a_model_process_killed_at_500(server):
+    """No request lost without an error, nothing leaks, and the model processes' memory stays flat
+    after warm-up (measured on the processes started after the kill)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    mix = [("Hi", []), ("Describe this image.", [image_bytes("small_64x64.webp")]),
+           ("Compare <image> and <image>.", [image_bytes("small_64x64.webp"), image_bytes("one_pixel.png")])]
+    done = threading.Semaphore(0)
+    rss = {}
+
+    def one(i):
+        """As a client would: UNAVAILABLE is retried (bounded), anything else is the outcome."""
+        text, images = mix[i % len(mix)]
+        deadline, tries = time.monotonic() + 90, 0
+        while True:
+            tries += 1
+            try:
+                last = text_of(generate(server.grpc_url, text, images, stream=bool(i % 2), max_tokens=4, timeout=60))[1]
+                outcome = "ok" if last.num_output_tokens >= 1 else "empty"
+                break
+            except RequestError as e:
+                outcome = f"{e.code}: {e.message}"
+                if e.code != "UNAVAILABLE" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        done.release()
+        return outcome, tries
+
+    def watch():  # the kill at request 500, memory at 650 and 1000
+        for n in range(1, 1001):
+            done.acquire()
+            if n == 500:
+                os.kill(stub_of(server, "language"), signal.SIGKILL)
+            if n in (650, 1000):
+                rss[n] = {m: rss_kib(stub_of(server, m)) for m in ("language", "encoder")}
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(1000)))
+    watcher.join(60)
+    outcomes = [o for o, _ in results]
+    retried = sum(1 for _, tries in results if tries > 1)
+    print(f"soak: {outcomes.count('ok')} of 1000 served, {retried} after UNAVAILABLE retries; "
+          f"RSS KiB at 650 {rss.get(650)}, at 1000 {rss.get(1000)}")
+    assert outcomes == ["ok"] * 1000, {o: outcomes.count(o) for o in set(outcomes)}
+    assert retried > 0  # the kill was felt
+    for model in ("language", "encoder"):
+        assert rss[1000][model] <= rss[650][model] * 1.1 + 20_000, (model, rss)
+    pools_empty(server)
+
+
+def test_sigterm_with_a_hung_model_process_stops_within_30_s(server):
+    """The last test: SIGSTOP the language model's process, then SIGTERM scripts/serve."""
+    os.kill(stub_of(server, "language"), signal.SIGSTOP)
+    t0 = time.monotonic()
+    os.kill(server.process.pid, signal.SIGTERM)
+    server.process.wait(35)
+    assert time.monotonic() - t0 <= 30
