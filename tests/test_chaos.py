@@ -107,6 +107,7 @@ def back(server, since: float) -> float:
 
 
 def pools_empty(server, timeout=10.0):
+    time.sleep(0.2)  # gauges are reported every 0.1 s: none is read stale
     deadline = time.monotonic() + timeout
     while any((values := server.metric_values("epd_buffer_blocks_in_use")).values()) or not values:
         assert time.monotonic() < deadline, values

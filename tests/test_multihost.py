@@ -86,6 +86,7 @@ def total(server, metric):
 
 
 def assert_pools_empty(*servers, timeout=10.0):
+    time.sleep(0.2)  # gauges are reported every 0.1 s: none is read stale
     deadline = time.monotonic() + timeout
     for s in servers:
         while any((values := s.metric_values("epd_buffer_blocks_in_use")).values()):

@@ -48,6 +48,7 @@ def pools_in_use(server) -> dict:
 
 def assert_pools_empty(server, timeout=5.0):
     """Both sides' pools back to 0 (the encoder reclaims released slots within a few ms)."""
+    time.sleep(0.2)  # gauges are reported every 0.1 s: none is read stale
     deadline = time.monotonic() + timeout
     while True:
         values = pools_in_use(server)
@@ -238,6 +239,7 @@ def test_grpc_cancel_and_disconnect_free_everything(server, how):
     tokens = lambda: server.metric_values("epd_output_tokens_total")[""]  # noqa: E731
     how(server)
     assert_pools_empty(server, timeout=5.0)  # 4000 tokens would take far longer than this
+    time.sleep(0.3)  # the language model reports its metrics every 0.1 s
     stopped_at = tokens()
     time.sleep(0.5)
     assert tokens() == stopped_at

@@ -9,8 +9,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CHECKPOINT = REPO_ROOT / "checkpoints" / "tiny"
 ENV_PREFIX = "EPD_"
@@ -81,6 +79,8 @@ class Settings:
         return cls(**values)
 
     def apply_threads(self) -> None:
+        import torch  # here, not at the top: the `complete` model's process never needs torch
+
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
 
@@ -88,7 +88,9 @@ class Settings:
     def checkpoint_dir(self) -> str:
         return self.checkpoint or str(DEFAULT_CHECKPOINT)
 
-    def torch_dtype(self, config) -> torch.dtype:
+    def torch_dtype(self, config):
+        import torch
+
         if self.dtype != "auto":
             return getattr(torch, self.dtype)
         dt = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32

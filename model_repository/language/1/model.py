@@ -113,10 +113,11 @@ class TritonPythonModel:
 
     def _update_metrics(self):
         engine, stats = self.service.engine, self.service.puller.stats
+        # Gauges read first: a pool seen empty comes with every token generated before it emptied.
         self.metrics.report({
-            "bytes": stats.bytes_read, "seconds": stats.seconds, "ttft": engine.ttft_seconds,
+            **engine.in_use(), "bytes": stats.bytes_read, "seconds": stats.seconds, "ttft": engine.ttft_seconds,
             "first_tokens": engine.ttft_count, "tokens": engine.output_tokens,
-            "retries": self.service.encoders.retries, **engine.in_use()})
+            "retries": self.service.encoders.retries})
 
     def finalize(self):
         self.stopping.set()
