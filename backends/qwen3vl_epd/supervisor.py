@@ -91,8 +91,9 @@ def _language_probe(client, timeout_s: float) -> None:
 
 class Supervisor:
     """run(): start tritonserver; every `interval_s` probe it; after `failures` failed probes in a
-    row, or when it exits, kill it with its model processes and start it again (back-off 1 s
-    doubling to 30 s while restarts keep failing). SIGTERM/SIGINT stop it within STOP_TIMEOUT_S."""
+    row, or when it exits, kill it with its model processes and start it again (at once after it
+    served; 1 s doubling to 30 s while starts keep failing). SIGTERM/SIGINT stop it within
+    STOP_TIMEOUT_S."""
 
     def __init__(self, argv: list[str], env: dict, probe: Probe, interval_s: float = 1.0, failures: int = 2,
                  startup_timeout_s: float = 600.0, ready_message: str = "ready", log=sys.stderr):
@@ -112,11 +113,11 @@ class Supervisor:
             if self.stopping:
                 break
             self.restarts += 1
-            if self.served:
-                backoff = 1.0  # it was serving: a new fault, not a crash loop
-            self._say(f"restarting tritonserver ({reason}) in {backoff:g} s; restart {self.restarts}")
-            self._sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
+            # A fault after serving restarts at once; a server that never got to serve backs off.
+            wait = 0.0 if self.served else backoff
+            backoff = 1.0 if self.served else min(backoff * 2, 30.0)
+            self._say(f"restarting tritonserver ({reason}) in {wait:g} s; restart {self.restarts}")
+            self._sleep(wait)
         return self._stop()
 
     def _serve_once(self) -> str:
