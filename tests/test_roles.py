@@ -110,3 +110,22 @@ def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
     assert run([bad]) == (1, [bad])
     late = Piece("", None, 0, 2, PeerError("encoder peer gone"))  # tokens were already sent: no retry
     assert run([late]) == (1, [late])
+
+
+def test_console_shows_what_matters():
+    from qwen3vl_epd.console import Console
+
+    quiet, verbose = Console(), Console(verbose=True)
+    lines = {
+        'I1129 01:57:50.1 9853 model_lifecycle.cc:838] "successfully loaded \'encoder\'"': "loaded model encoder",
+        "I1129 01:57:50.1 9853 transfer_engine_impl.cpp:116] Transfer Engine parseHostNameWithPort": None,
+        'E1129 01:08:56.5 12164 server.cc:241] "CudaDriverHelper has not been initialized."': None,
+        "Error: Failed to initialize NVML": None,
+        "E1129 01:09:09.8 12199 transfer_metadata.cpp:1098] Local segment descriptor not found": None,
+        "| encoder  | 1       | READY  |": None,
+        "E1129 01:10:31.6 12632 tcp_transport_session_impl.h:631] ClientSession: failed to read": "keep",
+        "supervisor: restarting tritonserver": "keep",
+    }
+    for line, want in lines.items():
+        assert quiet.filter(line) == (line if want == "keep" else want), line
+        assert verbose.filter(line) == line

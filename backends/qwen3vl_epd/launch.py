@@ -16,6 +16,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from .console import Console, cpu_only_flags, has_gpu
 from .settings import REPO_ROOT
 from .supervisor import Probe, Supervisor
 from .transfer.signing import ENV_KEY, ENV_KEY_FILE, new_key
@@ -79,10 +80,14 @@ def role_env(role: str, grpc_port: int, env: dict) -> dict:
 
 
 def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=MODEL_REPOSITORY,
-            work_dir: Path | None = None, extra: list[str] = (), role: str = "all") -> tuple[list[str], dict]:
-    """The tritonserver argv and environment."""
+            work_dir: Path | None = None, extra: list[str] = (), role: str = "all",
+            log_info: bool = False, verbose: bool = False) -> tuple[list[str], dict]:
+    """The tritonserver argv and environment. `log_info`: its info lines (the supervisor's console
+    filters them); `verbose`: everything, Mooncake's info lines too."""
     env = dict(os.environ)
     env.update(role_env(role, grpc_port, env))
+    if not verbose:
+        env.setdefault("GLOG_minloglevel", "1")  # Mooncake at warning level
     venv_bin = str(Path(sys.executable).parent)
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")  # the stub must find the venv's packages
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT / "backends"), env.get("PYTHONPATH")]))
@@ -90,9 +95,9 @@ def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=
         env[ENV_KEY] = new_key()  # this server's handle key, shared by its model processes
     argv = [
         f"--model-repository={model_repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
-        f"--metrics-port={metrics_port}", "--allow-metrics=true", "--log-info=false",
+        f"--metrics-port={metrics_port}", "--allow-metrics=true", f"--log-info={str(log_info or verbose).lower()}",
         "--exit-timeout-secs=20",  # its own graceful stop, within the supervisor's bound
-        *extra,
+        *([] if has_gpu() else cpu_only_flags()), *extra,
     ]
     if ROLE_MODELS[role]:
         argv += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in ROLE_MODELS[role])]
@@ -120,11 +125,13 @@ def main() -> None:
     parser.add_argument("--probe-interval-s", type=float, default=float(os.environ.get("EPD_PROBE_INTERVAL_S", 1)),
                         help="supervise: probe every model this often and restart tritonserver when one stops "
                         "serving or it crashes (0: no supervisor, tritonserver replaces this process)")
+    parser.add_argument("--verbose", action="store_true", help="show all of tritonserver's and Mooncake's output")
     args, extra = parser.parse_known_args()
     for name in ("encoders", "allowed_encoder_hosts", "mooncake_host"):
         if getattr(args, name):
             os.environ["EPD_" + name.upper()] = getattr(args, name)
-    argv, env = command(args.http_port, args.grpc_port, args.metrics_port, extra=extra, role=args.role)
+    argv, env = command(args.http_port, args.grpc_port, args.metrics_port, extra=extra, role=args.role,
+                        log_info=args.probe_interval_s > 0, verbose=args.verbose)
     print(f"serving {MODEL_REPOSITORY} as role {args.role} ({', '.join(ROLE_MODELS[args.role]) or 'every model'}): "
           f"HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, "
           f"metrics http://localhost:{args.metrics_port}/metrics\n"
@@ -135,7 +142,8 @@ def main() -> None:
     probe = Probe(f"127.0.0.1:{args.grpc_port}", PROBED[args.role])
     ready = (f"ready: HTTP http://localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, metrics "
              f"http://localhost:{args.metrics_port}/metrics, models {', '.join(ROLE_MODELS[args.role] or ALL_MODELS)}")
-    sys.exit(Supervisor(argv, env, probe, interval_s=args.probe_interval_s, ready_message=ready).run())
+    sys.exit(Supervisor(argv, env, probe, interval_s=args.probe_interval_s, ready_message=ready,
+                        console=Console(args.verbose)).run())
 
 
 if __name__ == "__main__":

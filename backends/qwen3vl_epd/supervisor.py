@@ -9,11 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .console import Console
 
 PROBE_PREFIX = "epd-probe-"  # the request id of probes (to tell them apart in logs)
 STOP_TIMEOUT_S = 25.0  # a stop (SIGTERM/SIGINT) ends within this, whatever state the server is in
@@ -96,8 +99,9 @@ class Supervisor:
     STOP_TIMEOUT_S."""
 
     def __init__(self, argv: list[str], env: dict, probe: Probe, interval_s: float = 1.0, failures: int = 2,
-                 startup_timeout_s: float = 600.0, ready_message: str = "ready", log=sys.stderr):
-        self.argv, self.env, self.probe = argv, env, probe
+                 startup_timeout_s: float = 600.0, ready_message: str = "ready", console: Console | None = None,
+                 log=sys.stdout):
+        self.argv, self.env, self.probe, self.console = argv, env, probe, console or Console()
         self.interval_s, self.failures, self.startup_timeout_s, self.log = interval_s, failures, startup_timeout_s, log
         self.ready_message = ready_message
         self.process: subprocess.Popen | None = None
@@ -122,7 +126,9 @@ class Supervisor:
 
     def _serve_once(self) -> str:
         """Start, wait until ready, then probe until something fails; why it has to restart."""
-        self.process = subprocess.Popen(self.argv, env=self.env)
+        self.process = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, errors="replace")
+        threading.Thread(target=self._relay, args=(self.process.stdout,), daemon=True).start()
         self.served = False
         deadline = time.monotonic() + self.startup_timeout_s
         while not self.stopping and self.probe.failure() is not None:
@@ -134,7 +140,7 @@ class Supervisor:
             self._sleep(0.5)
         self.served = not self.stopping
         if self.served:
-            self._say(self.ready_message)
+            print(self.ready_message, file=self.log, flush=True)
         failed = 0
         while not self.stopping:
             self._sleep(self.interval_s)
@@ -178,6 +184,13 @@ class Supervisor:
         self.process.wait()
         for region in stubs.values():
             Path("/dev/shm", region).unlink(missing_ok=True)
+
+    def _relay(self, output) -> None:
+        """tritonserver's output, through the console filter."""
+        for line in output:
+            shown = self.console.filter(line)
+            if shown is not None:
+                print(shown, file=self.log, flush=True)
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds

@@ -17,7 +17,8 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 COUNTERS = {
     "bytes": ("epd_transfer_bytes_total", "Bytes pulled from encoders"),
     "seconds": ("epd_transfer_seconds_total", "Seconds spent in Mooncake reads"),
-    "ttft": ("epd_time_to_first_token_seconds_total", "Sum of times to first token"),
+    "ttft": ("epd_time_to_first_token_seconds_total", "Sum over requests of the seconds from a request's "
+             "arrival at the language model (the door: encoding and queueing included) to its first token"),
     "first_tokens": ("epd_first_tokens_total", "Requests that produced a first token"),
     "tokens": ("epd_output_tokens_total", "Output tokens generated"),
     "retries": ("epd_encode_retries_total", "Encodes sent again because their encoder became unreachable"),
