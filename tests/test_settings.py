@@ -41,3 +41,10 @@ def test_every_setting_has_an_environment_override():
     assert s.allowed_encoder_hosts == ["10.0.0.0/16", "enc.example"]
     with pytest.raises(ValueError, match="'EPD_CHUNK_TOKENS': 'x' is not a valid int"):
         Settings.from_parameters({}, env={"EPD_CHUNK_TOKENS": "x"})
+
+
+def test_a_missing_checkpoint_is_one_clear_error(tmp_path):
+    from qwen3vl_epd.checkpoint import load_config
+
+    with pytest.raises(FileNotFoundError, match="set EPD_CHECKPOINT .* or build the embedded tiny one with scripts/setup"):
+        load_config(tmp_path / "nowhere")

@@ -313,3 +313,33 @@ def test_http_infer_on_complete(server, expected):
     _, error = _complete(server, "Hi", [image_bytes("truncated.jpg")])
     assert error[0] == "400" and "[INVALID_ARG] image 0: cannot decode image" in error[1]  # across the BLS hop
     assert_pools_empty(server)
+
+
+def test_a_fresh_clone_stays_clean_after_serving(tmp_path):
+    """scripts/serve run in a fresh clone (this venv, the clone's package) leaves `git status` empty."""
+    import os
+    import signal
+
+    from tritonserver import free_ports
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    http, grpc, metrics = free_ports(3)
+    env = {**os.environ, "EPD_VENV": str(ROOT / ".venv"), "PYTHONPATH": str(clone / "backends"),
+           "HTTP_PORT": str(http), "GRPC_PORT": str(grpc), "METRICS_PORT": str(metrics)}
+    serve = subprocess.Popen([str(clone / "scripts" / "serve")], cwd=clone, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        for line in serve.stdout:
+            if line.startswith("ready: "):
+                break
+            assert time.monotonic() < deadline and serve.poll() is None, line
+        else:
+            raise AssertionError("scripts/serve ended without a ready line")
+        assert f"HTTP http://localhost:{http}" in line
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        serve.wait(40)
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=clone, capture_output=True, text=True)
+    assert status.stdout == "", status.stdout

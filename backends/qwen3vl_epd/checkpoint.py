@@ -23,7 +23,11 @@ LM_HEAD_PREFIX = "lm_head."
 _EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 def load_config(checkpoint_dir: str | os.PathLike):
-    """The checkpoint's Qwen3VLMoeConfig."""
+    """The checkpoint's Qwen3VLMoeConfig; a missing checkpoint is one clear error."""
+    if not (Path(checkpoint_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {checkpoint_dir} (no config.json): set EPD_CHECKPOINT to a local Qwen3-VL "
+            "checkpoint directory, or build the embedded tiny one with scripts/setup")
     return AutoConfig.from_pretrained(str(checkpoint_dir), local_files_only=True)
 
 
