@@ -343,3 +343,45 @@ def test_a_fresh_clone_stays_clean_after_serving(tmp_path):
         serve.wait(40)
     status = subprocess.run(["git", "status", "--porcelain", "--ignored=no"], cwd=clone, capture_output=True, text=True)
     assert status.stdout == "", status.stdout
+
+
+def test_plain_tritonserver_recipe_from_the_readme(tmp_path, expected):
+    """The README's plain-tritonserver block, run as written (ports through its variables)."""
+    import os
+    import re
+    import signal
+    import urllib.request
+
+    from tritonserver import free_ports
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- recipe: plain tritonserver -->\n```bash\n(.*?)```", readme, re.S).group(1)
+    http, grpc, metrics = free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPD_") or k == "EPD_CHECKPOINT"}
+    env.update(HTTP_PORT=str(http), GRPC_PORT=str(grpc), METRICS_PORT=str(metrics))
+    log = open(tmp_path / "plain.log", "w")
+    server = subprocess.Popen(["bash", "-c", block], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "plain.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        text, images = prompt_inputs("landscape")
+        got, _ = text_of(generate(f"127.0.0.1:{grpc}", text, images, stream=True, max_tokens=MAX_TOKENS))
+        assert got == expected["landscape"][0]
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(40)
+        try:  # a model process stuck at exit
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
