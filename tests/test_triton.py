@@ -350,9 +350,8 @@ def test_plain_tritonserver_recipe_from_the_readme(tmp_path, expected):
     import os
     import re
     import signal
-    import urllib.request
 
-    from tritonserver import free_ports
+    from tritonserver import free_ports, wait_ready
 
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- recipe: plain tritonserver -->\n```bash\n(.*?)```", readme, re.S).group(1)
@@ -363,17 +362,7 @@ def test_plain_tritonserver_recipe_from_the_readme(tmp_path, expected):
     server = subprocess.Popen(["bash", "-c", block], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (tmp_path / "plain.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_ready(server, f"127.0.0.1:{http}", 180, tmp_path / "plain.log")
         text, images = prompt_inputs("landscape")
         got, _ = text_of(generate(f"127.0.0.1:{grpc}", text, images, stream=True, max_tokens=MAX_TOKENS))
         assert got == expected["landscape"][0]

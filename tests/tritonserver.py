@@ -25,6 +25,22 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def wait_ready(process: subprocess.Popen, http_url: str, timeout: float, log_path: Path) -> None:
+    """Until the server at http_url is ready; RuntimeError if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"tritonserver not ready after {timeout} s; see {log_path}")
+
+
 class TritonServer:
     """`netns`: run inside that network namespace, on its address `host` and the default ports.
     `cpus`: pinned to these cores (taskset list). `wait=False`: return at once; call wait_ready().
@@ -48,19 +64,11 @@ class TritonServer:
             self.wait_ready()
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"tritonserver not ready after {self.timeout} s; see {self.log_path}")
+        try:
+            wait_ready(self.process, self.http_url, self.timeout, self.log_path)
+        except RuntimeError:
+            self.stop()
+            raise
 
     @property
     def grpc_url(self) -> str:
