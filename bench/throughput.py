@@ -1,6 +1,7 @@
-"""Output tok/s and time to first token through the running ensemble (gRPC streaming) at
-concurrency 1, 4, 16, next to transformers' generate serving the same requests one by one, and
-the ensemble's TTFT next to the sum of the in-process stage times. All in one run.
+"""Output tok/s and time to first token through the running server's door, the language model
+(gRPC streaming), at concurrency 1, 4, 16, next to transformers' generate serving the same
+requests one by one, and the served TTFT next to the sum of the in-process stage times. All in
+one run.
 
 Run: .venv/bin/python bench/throughput.py [--requests 16] [--max-tokens 64]
 """
@@ -113,7 +114,7 @@ def main() -> None:
     print(f"| transformers generate, one by one | {baseline:.1f} | | | | 1.00x |")
     in_process = enc + pull + prefill
     ttft = runs[1]["mean_ttft_s"]
-    print(f"\nTTFT at concurrency 1 ({threads} torch thread(s) per model, as served): ensemble {ttft * 1e3:.1f} ms; in-process encode {enc * 1e3:.1f} + pull "
+    print(f"\nTTFT at concurrency 1 ({threads} torch thread(s) per model, as served): served {ttft * 1e3:.1f} ms; in-process encode {enc * 1e3:.1f} + pull "
           f"{pull * 1e3:.1f} + first prefill {prefill * 1e3:.1f} = {in_process * 1e3:.1f} ms; "
           f"ratio {ttft / in_process:.2f}")
     goal("scaling_c16_vs_c1", runs[16]["tok_per_s"] / runs[1]["tok_per_s"], ">=", 6)
