@@ -131,12 +131,11 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
                 _, error = results.get(timeout=1)
             except queue.Empty:
                 error = None
-            cause = error or e
-            raise RequestError(cause.status() or "StatusCode.UNAVAILABLE", cause.message()) from None
+            raise _stream_error(model, error or e, "StatusCode.UNAVAILABLE") from None
         while True:
             result, error = results.get(timeout=timeout)
             if error is not None:
-                raise RequestError(error.status(), error.message())
+                raise _stream_error(model, error)
             if result.as_numpy("text_output") is None:
                 raise RequestError(None, "the server ended the request without output")
             r = Response(
@@ -150,6 +149,15 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
                 return
     finally:
         client.stop_stream(cancel_requests=True)
+
+
+def _stream_error(model: str, error, default_status: str | None = None) -> RequestError:
+    """A stream's error; one without a code from the server is the connection's own (the server or
+    a model process went away mid-request, and the supervisor restarts it): named as such."""
+    status, message = error.status() or default_status, error.message() or ""
+    if not _CODE.search(message) and str(status) == "StatusCode.UNAVAILABLE":
+        message = f"{model}: the connection to the server was lost ({message}); retry"
+    return RequestError(status, message)
 
 
 def _http(url, model, prompt, images, stream, fields, timeout):

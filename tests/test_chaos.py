@@ -66,7 +66,7 @@ class Streams:
     """8 long streams (text only and with an image) whose outcome and end time are recorded."""
 
     def __init__(self, server, n=8):
-        self.outcomes, self.ended = {}, {}
+        self.outcomes, self.ended, self.messages = {}, {}, {}
         self.started = threading.Barrier(n + 1)
         self.threads = [threading.Thread(target=self._one, args=(server, i), daemon=True) for i in range(n)]
         for t in self.threads:
@@ -84,6 +84,7 @@ class Streams:
             self.outcomes[i] = "finished"
         except RequestError as e:
             self.outcomes[i] = e.code
+            self.messages[i] = e.message
         self.ended[i] = time.monotonic()
 
     def join(self, timeout):
@@ -132,6 +133,8 @@ def test_fault_under_8_streams(server, fault):
     assert len(outcomes) == 8, f"{8 - len(outcomes)} requests still hang after the fault"
     last_end = max(ended.values()) - t0
     assert last_end <= ENDED_WITHIN_S
+    assert set(outcomes.values()) == {"UNAVAILABLE"}, streams.messages
+    assert all("language" in m for m in streams.messages.values()), streams.messages  # names the model
     back_after = back(server, t0)
     print(f"{fault}: 8 in-flight requests ended within {last_end:.1f} s ({sorted(set(outcomes.values()))}); "
           f"served again after {back_after:.1f} s")
