@@ -21,13 +21,16 @@ ENDED_WITHIN_S = 15  # every in-flight request has its answer this long after th
 BACK_WITHIN_S = 60  # the issue asks 30 s; model loading alone takes 15-25 s on this 2-core machine
 
 
-def stubs() -> set[int]:
-    """Every Python backend stub of this repository's model repository, of any server."""
-    out = set()
-    for proc in Path("/proc").iterdir():
+SEEN_STUBS: dict[int, str] = {}  # every model process of the module's server, across its restarts
+
+
+def alive(stubs: dict[int, str]) -> list[int]:
+    """Those of `stubs` still running (the same process: its shared-memory region in its command)."""
+    out = []
+    for pid, region in stubs.items():
         try:
-            if proc.name.isdigit() and b"triton_python_backend_stub" in (proc / "cmdline").read_bytes():
-                out.add(int(proc.name))
+            if region.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
         except OSError:
             pass
     return out
@@ -35,13 +38,12 @@ def stubs() -> set[int]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint):
-    before = stubs()
     s = TritonServer(tmp_path_factory.mktemp("chaos") / "server.log", env={"EPD_CHECKPOINT": checkpoint},
                      supervised=True)
     yield s
     s.stop()
     time.sleep(1)
-    assert stubs() <= before, "model processes left behind after shutdown"
+    assert not alive(SEEN_STUBS), "model processes left behind after shutdown"
 
 
 def tritonserver_pid(server) -> int:
@@ -55,8 +57,9 @@ def tritonserver_pid(server) -> int:
 
 
 def stub_of(server, model: str) -> int:
-    pid = tritonserver_pid(server)
-    for stub in children(pid):
+    stubs = children(tritonserver_pid(server))
+    SEEN_STUBS.update(stubs)
+    for stub in stubs:
         if f"/{model}/1/model.py".encode() in Path(f"/proc/{stub}/cmdline").read_bytes():
             return stub
     raise AssertionError(f"no stub for {model}")

@@ -107,6 +107,7 @@ class Supervisor:
         self.process: subprocess.Popen | None = None
         self.stopping = self.served = False
         self.restarts = 0
+        self.stubs: dict[int, str] = {}  # the model processes last seen (they outlive a crashed tritonserver)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,6 +129,7 @@ class Supervisor:
         """Start, wait until ready, then probe until something fails; why it has to restart."""
         self.process = subprocess.Popen(self.argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, errors="replace")
+        self.stubs = {}
         threading.Thread(target=self._relay, args=(self.process.stdout,), daemon=True).start()
         self.served = False
         deadline = time.monotonic() + self.startup_timeout_s
@@ -145,7 +147,9 @@ class Supervisor:
         while not self.stopping:
             self._sleep(self.interval_s)
             if self.process.poll() is not None:
+                self._kill(self.stubs)  # its model processes, orphaned now, may be stuck at exit
                 return f"it exited with {self.process.returncode}"
+            self.stubs = children(self.process.pid) or self.stubs
             why = self.probe.failure()
             failed = failed + 1 if why else 0
             if failed >= self.failures:
@@ -161,7 +165,7 @@ class Supervisor:
     def _stop(self) -> int:
         if self.process is None:
             return 0
-        stubs = children(self.process.pid)
+        stubs = children(self.process.pid) or self.stubs
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
@@ -176,11 +180,14 @@ class Supervisor:
     def _kill(self, stubs: dict[int, str] | None = None) -> None:
         """SIGKILL tritonserver and its model processes, and remove their shared-memory regions."""
         stubs = children(self.process.pid) if stubs is None else stubs
-        for pid in [*stubs, self.process.pid]:
+        for pid, region in stubs.items():
             try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
+                if region.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():  # still that stub, not a reused pid
+                    os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
                 pass
+        if self.process.poll() is None:
+            self.process.kill()
         self.process.wait()
         for region in stubs.values():
             Path("/dev/shm", region).unlink(missing_ok=True)
