@@ -1,6 +1,5 @@
-"""The one line per goal every bench ends with."""
+"""Whether a bench goal is met; every bench ends with one `goal: ...` line per goal."""
 
 
-def goal(name: str, value: float, op: str, target: float) -> None:
-    met = value >= target if op == ">=" else value <= target
-    print(f"goal: {name} {value:.2f} (target {op} {target:g}) {'met' if met else 'missed'}")
+def verdict(value: float, op: str, target: float) -> str:
+    return "met" if (value >= target if op == ">=" else value <= target) else "missed"

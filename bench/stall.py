@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from fixtures import Collector, prompt_inputs  # noqa: E402
-from goals import goal  # noqa: E402
+from goals import verdict  # noqa: E402
 from peers import TEST_KEY, EncoderPeer, SilentPeer, resign  # noqa: E402
 
 from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
@@ -106,9 +106,9 @@ def main() -> None:
     print(f"| without a stalled peer | {statistics.median(clean) * 1e3:.2f} |")
     print(f"| beside a stalled peer | {statistics.median(stalled) * 1e3:.2f} |")
     print(f"stalled request failed after {', '.join(f'{f:.2f}' for f in fails)} s (UNAVAILABLE)")
-    goal("stalled_itl_ratio", ratio, "<=", 1.5)
+    print(f"goal: stalled_itl_ratio {ratio:.2f} (target <= 1.5) {verdict(ratio, '<=', 1.5)}")
     bound = args.timeout_s + 1.0
-    goal("stalled_fail_s", fail, "<=", bound)
+    print(f"goal: stalled_fail_s {fail:.2f} (target <= {bound:g}) {verdict(fail, '<=', bound)}")
 
 
 if __name__ == "__main__":

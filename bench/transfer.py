@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from goals import goal  # noqa: E402
+from goals import verdict  # noqa: E402
 from peers import TEST_KEY, EncoderPeer  # noqa: E402
 
 from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
@@ -88,7 +88,7 @@ def main() -> None:
     finally:
         peer.close()
     for name, ratio in goals:
-        goal(name, ratio, ">=", 0.9)
+        print(f"goal: {name} {ratio:.2f} (target >= 0.9) {verdict(ratio, '>=', 0.9)}")
 
 
 if __name__ == "__main__":
