@@ -62,7 +62,7 @@ class EncoderPool:
                 result = self.client.infer(self.model, inputs, client_timeout=self.timeout_s)
                 return result.as_numpy("handle").reshape(-1)[0]
             except InferenceServerException as e:
-                if "UNAVAILABLE" in str(e.status()) and not self._ready(0):
+                if "UNAVAILABLE" in str(e.status()) and not self._ready(0.1):
                     # Its encoder went away and gRPC's own retries found no other: wait for one.
                     self.count_retry()
                     continue
@@ -78,7 +78,7 @@ class EncoderPool:
     def _ready(self, timeout: float) -> bool:
         """Whether the channel has (or within `timeout` gets) a connection to some encoder."""
         try:
-            grpc.channel_ready_future(self.client._channel).result(timeout=max(timeout, 0.001))
+            grpc.channel_ready_future(self.client._channel).result(timeout=max(timeout, 0.01))
             return True
         except grpc.FutureTimeoutError:
             return False
