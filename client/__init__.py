@@ -56,11 +56,14 @@ def data_url(image: bytes) -> str:
     return f"data:image/{kind};base64,{base64.b64encode(image).decode()}"
 
 
-def generate(url: str, prompt: str, images: list[bytes] = (), protocol: str = "grpc", stream: bool = False,
+def generate(url: str, prompt: str | None, images: list[bytes] = (), protocol: str = "grpc", stream: bool = False,
              model: str = "language", timeout: float = 300.0, **sampling) -> Iterator[Response]:
     """Send one request; yields responses as they arrive. `sampling`: max_tokens, temperature,
-    top_p, top_k, seed, stop, raw_prompt, ignore_eos."""
+    top_p, top_k, seed, stop, raw_prompt, ignore_eos, and `messages` (a conversation in the OpenAI
+    chat layout, list or JSON text) in place of `prompt` (None then)."""
     fields = {k: v for k, v in sampling.items() if v is not None}
+    if not isinstance(fields.get("messages", ""), str):
+        fields["messages"] = json.dumps(fields["messages"])
     if protocol == "grpc":
         yield from _grpc(url, model, prompt, list(images), stream, fields, timeout)
     elif protocol == "http":
@@ -91,13 +94,16 @@ def _grpc_inputs(prompt, images, stream, fields):
         t.set_data_from_numpy(array)
         return t
 
-    inputs = [tensor("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_)),
-              tensor("stream", "BOOL", np.array([[stream]], dtype=np.bool_))]
+    inputs = [tensor("stream", "BOOL", np.array([[stream]], dtype=np.bool_))]
+    if prompt is not None:
+        inputs.append(tensor("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_)))
     if images:
         inputs.append(tensor("image", "BYTES", np.array([images], dtype=np.object_)))
     for name, value in fields.items():
         if name == "stop":
             inputs.append(tensor("stop", "BYTES", np.array([[s.encode() for s in value]], dtype=np.object_)))
+        elif name == "messages":
+            inputs.append(tensor(name, "BYTES", np.array([[value.encode()]], dtype=np.object_)))
         else:
             triton_type, np_type = _TYPES[name]
             inputs.append(tensor(name, triton_type, np.array([[value]], dtype=np_type)))
@@ -161,7 +167,7 @@ def _stream_error(model: str, error, default_status: str | None = None) -> Reque
 
 
 def _http(url, model, prompt, images, stream, fields, timeout):
-    body = {"text_input": prompt, "stream": stream, **fields}
+    body = {"stream": stream, **fields, **({} if prompt is None else {"text_input": prompt})}
     if images:
         body["image"] = [data_url(i) for i in images]
     endpoint = "generate_stream" if stream else "generate"

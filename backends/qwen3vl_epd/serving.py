@@ -20,6 +20,7 @@ from .engine.local_prompt import LocalPrompt
 from .engine.sequence import Piece
 from .errors import EpdError, HandleExpiredError, InvalidInputError, PeerError
 from .language import LanguageModel
+from .messages import parse_messages
 from .processor import Limits, Processor
 from .sampling import SamplingParams, sampling_params
 from .settings import Settings
@@ -48,6 +49,7 @@ class EncodeRequest:
     images: list[bytes] = field(default_factory=list)
     raw_prompt: bool = False
     sampling: dict = field(default_factory=dict)  # checked here so a bad request costs no image work
+    messages: str | None = None  # a conversation (JSON, OpenAI chat layout) instead of text_input
 
 
 def _limits(s: Settings) -> Limits:
@@ -160,6 +162,7 @@ class LanguageService:
                  cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
         """Queue a prompt: text only, here and now (EpdError when it is bad); with images, returns at
         once and the encode, pull and any retry run on workers, errors arriving through `emit`."""
+        request = self.templated(request)
         check_request(request.text, {}, self.settings)
         if not request.images:
             p = self.processor.process(request.text, [], request.raw_prompt)
@@ -169,6 +172,16 @@ class LanguageService:
             return
         job = RemotePrompt(self, request, params, emit, cancelled, arrived)
         self.encode_workers.submit(job.run)
+
+    def templated(self, request: EncodeRequest) -> EncodeRequest:
+        """A conversation rendered by the chat template into a raw prompt (encoders see only that)."""
+        if request.messages is None:
+            return request
+        if request.text is not None or request.raw_prompt:
+            raise InvalidInputError("messages: send either messages or text_input (with raw_prompt), not both")
+        conversation = parse_messages(request.messages, request.images)
+        prompt = self.processor.apply_chat_template(conversation.turns)
+        return EncodeRequest(prompt, conversation.images, raw_prompt=True)
 
     def close(self) -> None:
         self.encode_workers.shutdown(wait=False, cancel_futures=True)

@@ -9,7 +9,7 @@ import numpy as np
 
 from .errors import EpdError, InvalidInputError
 
-PROMPT_INPUTS = ("text_input", "image", "raw_prompt")
+PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages")
 SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop")
 OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
 
@@ -60,10 +60,14 @@ def sampling_fields(get) -> dict:
     return fields
 
 
+def text_field(get, name: str) -> str | None:
+    """A string input's value, or None; InvalidInputError naming it when it is not UTF-8."""
+    try:
+        return first(get(name))
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{name}: not valid UTF-8") from None
+
+
 def prompt_fields(get) -> tuple[str | None, list[bytes], bool]:
     """(text_input, images, raw_prompt) of a request; InvalidInputError for text that is not UTF-8."""
-    try:
-        text = first(get("text_input"))
-    except UnicodeDecodeError:
-        raise InvalidInputError("text_input: not valid UTF-8") from None
-    return text, byte_items(get("image")), bool(first(get("raw_prompt")) or False)
+    return text_field(get, "text_input"), byte_items(get("image")), bool(first(get("raw_prompt")) or False)

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_epd import triton_adapter as ta
 from qwen3vl_epd.errors import EpdError
 from qwen3vl_epd.serving import EncodeRequest, LanguageService, merge_pieces
-from qwen3vl_epd.triton_io import first, prompt_fields, sampling_fields
+from qwen3vl_epd.triton_io import first, prompt_fields, sampling_fields, text_field
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 COUNTERS = {
@@ -63,7 +63,8 @@ class TritonPythonModel:
             if handle is not None:
                 self.service.submit(handle, params, emit, request.is_cancelled, arrived)
             else:
-                self.service.generate(EncodeRequest(*prompt_fields(get)), params, emit, request.is_cancelled, arrived)
+                prompt = EncodeRequest(*prompt_fields(get), messages=text_field(get, "messages"))
+                self.service.generate(prompt, params, emit, request.is_cancelled, arrived)
         except EpdError as e:
             sender.send(ta.exception_response(e), flags=FINAL)
             self._update_metrics()
