@@ -1,13 +1,19 @@
 """Tokens wasted by cancelled requests: 20 gRPC streams through the client door (`language`),
 each cancelled after its first token; waste = tokens the engine generated for them minus the
 tokens their clients had received when they cancelled. Also through `ensemble`, whose
-tritonserver 2.51 scheduler cannot pass a cancellation on into a running step.
+tritonserver 2.51 scheduler cannot pass a cancellation on into a running step. And through the
+OpenAI door (HTTP streams closed after their first content chunk), where the waste counted is what
+the engine generated after the last connection closed.
 
 Run: .venv/bin/python bench/cancel.py [--streams 20] [--max-tokens 512]
 """
 
 import argparse
+import http.client
+import json
 import queue
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -17,10 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from tritonserver import TritonServer  # noqa: E402
+from tritonserver import TritonServer, free_ports  # noqa: E402
 
 import tritonclient.grpc as grpcclient  # noqa: E402
-from client import _grpc_inputs  # noqa: E402
+from client import grpc_inputs  # noqa: E402
 from goals import verdict  # noqa: E402
 
 
@@ -35,7 +41,7 @@ def storm(server: TritonServer, model: str, streams: int, max_tokens: int) -> fl
         results = queue.Queue()
         client = grpcclient.InferenceServerClient(server.grpc_url)
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        inputs = _grpc_inputs(f"Tell me story number {i}.", [], True, {"max_tokens": max_tokens, "ignore_eos": True})
+        inputs = grpc_inputs(f"Tell me story number {i}.", [], True, {"max_tokens": max_tokens, "ignore_eos": True})
         client.async_stream_infer(model, inputs)
         result, error = results.get(timeout=120)
         assert error is None, error
@@ -55,15 +61,64 @@ def storm(server: TritonServer, model: str, streams: int, max_tokens: int) -> fl
     barrier.wait()
     for t in threads:
         t.join()
-    deadline = time.monotonic() + 60
-    while True:  # until the engine has stopped producing for them
-        last = produced()
-        time.sleep(0.5)
-        if produced() == last or time.monotonic() > deadline:
-            break
+    settle(produced)
     for c in clients:
         c.close()
     return (produced() - before - sum(received)) / streams
+
+
+def settle(produced) -> None:
+    """Until the engine has stopped producing (60 s at most)."""
+    deadline = time.monotonic() + 60
+    while True:
+        last = produced()
+        time.sleep(0.5)
+        if produced() == last or time.monotonic() > deadline:
+            return
+
+
+def openai_storm(server: TritonServer, streams: int, max_tokens: int) -> float:
+    """Mean tokens generated per stream after its HTTP connection to the OpenAI door closed."""
+    port = free_ports(1)[0]
+    door = subprocess.Popen([sys.executable, "-m", "qwen3vl_epd.openai_api", "--host", "127.0.0.1", "--port",
+                             str(port), "--triton", server.grpc_url], cwd=ROOT)
+    produced = lambda: server.metric_values("epd_output_tokens_total")[""]  # noqa: E731
+    try:
+        while True:
+            try:
+                http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/health")
+                break
+            except OSError:
+                time.sleep(0.2)
+        barrier = threading.Barrier(streams + 1)
+        conns = []
+
+        def one(i):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            body = {"messages": [{"role": "user", "content": f"Tell me story number {i}."}], "stream": True,
+                    "max_tokens": max_tokens, "ignore_eos": True}
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            reply = conn.getresponse()
+            while b'"content": "' not in reply.readline():
+                pass
+            conns.append(conn)
+            barrier.wait()
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+        for t in threads:
+            t.start()
+        barrier.wait()
+        for t in threads:
+            t.join()
+        for c in conns:
+            c.sock.shutdown(socket.SHUT_RDWR)  # the reply's file still refers to the socket: close() alone waits
+            c.sock.close()
+        at_close = produced()
+        settle(produced)
+        return (produced() - at_close) / streams
+    finally:
+        door.terminate()
+        door.wait(15)
 
 
 def main() -> None:
@@ -75,9 +130,12 @@ def main() -> None:
     try:
         door = storm(server, "language", args.streams, args.max_tokens)
         ensemble = storm(server, "ensemble", args.streams, args.max_tokens)
+        oai = openai_storm(server, args.streams, args.max_tokens)
         print(f"| door | wasted tokens per cancelled stream ({args.streams} streams, max_tokens {args.max_tokens}) |\n"
-              f"|---|---|\n| language | {door:.1f} |\n| ensemble | {ensemble:.1f} |")
+              f"|---|---|\n| language | {door:.1f} |\n| ensemble | {ensemble:.1f} |\n"
+              f"| OpenAI door (after the close) | {oai:.1f} |")
         print(f"goal: cancel_waste_tokens_language {door:.2f} (target <= 2) {verdict(door, '<=', 2)}")
+        print(f"goal: cancel_waste_tokens_openai {oai:.2f} (target <= 2) {verdict(oai, '<=', 2)}")
     finally:
         server.stop()
 

@@ -86,7 +86,8 @@ _TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32)
           "stream": ("BOOL", np.bool_)}
 
 
-def _grpc_inputs(prompt, images, stream, fields):
+def grpc_inputs(prompt: str | None, images: list[bytes], stream: bool, fields: dict) -> list:
+    """The request tensors of `generate` (the OpenAI door and the benches build theirs here too)."""
     import tritonclient.grpc as grpcclient
 
     def tensor(name, dtype, array):
@@ -131,7 +132,7 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         try:
-            client.async_stream_infer(model, _grpc_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
+            client.async_stream_infer(model, grpc_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
         except InferenceServerException as e:  # the stream broke at once (server gone): its cause, if known
             try:
                 _, error = results.get(timeout=1)

@@ -148,14 +148,14 @@ def test_fault_under_8_streams(server, fault):
 def test_cancellation_storm_of_20(server):
     import tritonclient.grpc as grpcclient
 
-    from client import _grpc_inputs
+    from client import grpc_inputs
 
     clients = []
     for i in range(20):
         got = threading.Event()
         c = grpcclient.InferenceServerClient(server.grpc_url)
         c.start_stream(callback=lambda result, error, got=got: got.set())
-        c.async_stream_infer("language", _grpc_inputs(f"Story {i}", [], True, {"max_tokens": 4000, "ignore_eos": True}))
+        c.async_stream_infer("language", grpc_inputs(f"Story {i}", [], True, {"max_tokens": 4000, "ignore_eos": True}))
         clients.append((c, got))
     for c, got in clients:
         assert got.wait(60)

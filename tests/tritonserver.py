@@ -51,12 +51,12 @@ class TritonServer:
                  netns: str | None = None, host: str = "127.0.0.1", wait: bool = True, cpus: str | None = None,
                  supervised: bool = False):
         self.host, self.log_path, self.timeout = host, log_path, timeout
-        self.http, self.grpc, self.metrics = (8000, 8001, 8002) if netns else free_ports(3)
+        self.http, self.grpc, self.metrics, self.openai = (8000, 8001, 8002, 9000) if netns else free_ports(4)
         self.log = open(log_path, "w")
         prefix = (["ip", "netns", "exec", netns] if netns else []) + (["taskset", "-c", cpus] if cpus else [])
         self.process = subprocess.Popen(
             [*prefix, sys.executable, "-m", "qwen3vl_epd.launch", f"--http-port={self.http}",
-             f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}",
+             f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}", f"--openai-port={self.openai}",
              *([] if supervised else ["--probe-interval-s=0"]), *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
             start_new_session=True)
@@ -77,6 +77,11 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         return f"{self.host}:{self.http}"
+
+    @property
+    def openai_url(self) -> str:
+        """The OpenAI door's base URL (supervised servers only: scripts/serve starts it)."""
+        return f"http://{self.host}:{self.openai}/v1"
 
     def metric_values(self, name: str) -> dict[str, float]:
         """{labels: value} of one metric family from the metrics endpoint."""

@@ -100,8 +100,10 @@ class Supervisor:
 
     def __init__(self, argv: list[str], env: dict, probe: Probe, interval_s: float = 1.0, failures: int = 2,
                  startup_timeout_s: float = 600.0, ready_message: str = "ready", console: Console | None = None,
-                 log=sys.stdout):
+                 log=sys.stdout, companions: list[list[str]] = ()):
         self.argv, self.env, self.probe, self.console = argv, env, probe, console or Console()
+        # Processes that serve beside tritonserver (the OpenAI door): started once, restarted when they exit.
+        self.companions = {tuple(c): None for c in companions}
         self.interval_s, self.failures, self.startup_timeout_s, self.log = interval_s, failures, startup_timeout_s, log
         self.ready_message = ready_message
         self.process: subprocess.Popen | None = None
@@ -113,6 +115,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         backoff = 1.0
+        self._keep_companions()
         while not self.stopping:
             reason = self._serve_once()
             if self.stopping:
@@ -150,6 +153,7 @@ class Supervisor:
                 self._kill(self.stubs)  # its model processes, orphaned now, may be stuck at exit
                 return f"it exited with {self.process.returncode}"
             self.stubs = children(self.process.pid) or self.stubs
+            self._keep_companions()
             why = self.probe.failure()
             failed = failed + 1 if why else 0
             if failed >= self.failures:
@@ -157,12 +161,32 @@ class Supervisor:
                 return f"probe failed {failed} times: {why}"
         return "stopping"
 
+    def _keep_companions(self) -> None:
+        for argv, process in self.companions.items():
+            if process is not None and process.poll() is None:
+                continue
+            if process is not None:
+                self._say(f"restarting {argv[2]} (it exited with {process.returncode})")
+            self.companions[argv] = subprocess.Popen(argv, env=self.env)
+
+    def _stop_companions(self) -> None:
+        running = [p for p in self.companions.values() if p is not None and p.poll() is None]
+        for p in running:
+            p.send_signal(signal.SIGTERM)
+        for p in running:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
         if self.process is not None and self.process.poll() is None and signum != signal.SIGINT:
             self.process.send_signal(signum)  # SIGINT reached the whole process group already
 
     def _stop(self) -> int:
+        self._stop_companions()  # first: they answer their clients "unavailable" rather than hang
         if self.process is None:
             return 0
         stubs = children(self.process.pid) or self.stubs

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP door (/v1/chat/completions) onto the Triton models."""

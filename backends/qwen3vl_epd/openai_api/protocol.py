@@ -1,0 +1,146 @@
+"""OpenAI chat completions ↔ the language model's inputs and outputs: request checks, response and
+chunk objects, error objects. Plain dicts, no I/O."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..triton_io import CODE_PREFIX, message_code
+
+# Triton error code (the "[CODE] " prefix of every model error) → HTTP status and OpenAI error type.
+STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "service_unavailable"),
+          "CANCELLED": (499, "cancelled"), "NOT_FOUND": (404, "not_found_error"),
+          "UNSUPPORTED": (400, "invalid_request_error")}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos")
+# Fields we cannot honour: refused rather than silently ignored (value that means "off" passes).
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+               "n": (None, 1), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
+
+
+class OpenAIError(Exception):
+    """An error answered as OpenAI's {"error": {...}} with its HTTP status."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    @classmethod
+    def from_model(cls, message: str) -> OpenAIError:
+        """A model's error ("[CODE] field: what is wrong") with the status of its code; the field
+        named first is the parameter when it is one of the request's."""
+        code = message_code(message)
+        status, kind = STATUS.get(code or "", (500, "internal_error"))
+        message = CODE_PREFIX.sub("", message, count=1)
+        field_ = message.split(":", 1)[0]
+        param = field_ if field_ in (*SAMPLING, "max_tokens", "stop", "messages") else None
+        return cls(status, message, kind, param, code)
+
+
+def invalid(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param)
+
+
+@dataclass
+class ChatRequest:
+    """A checked /v1/chat/completions body: the conversation as the model's `messages` input and
+    the sampling inputs; remote image URLs are listed for the server to fetch or refuse."""
+
+    messages: list[dict]
+    sampling: dict
+    stream: bool
+    include_usage: bool
+    remote_images: list[tuple[str, dict]] = field(default_factory=list)  # (param, the part's image_url)
+
+    def messages_json(self) -> str:
+        return json.dumps(self.messages)
+
+
+def chat_request(body, served_model: str) -> ChatRequest:
+    """Check a request body; OpenAIError naming the parameter when something is wrong."""
+    if not isinstance(body, dict):
+        raise invalid("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != served_model:
+        raise OpenAIError(404, f"The model '{model}' does not exist; this server serves '{served_model}'",
+                          "invalid_request_error", "model", "model_not_found")
+    for name, allowed in UNSUPPORTED.items():
+        if body.get(name) not in allowed:
+            raise invalid(f"{name}: not supported by this server (allowed: {allowed[-1]!r})", name)
+    if body.get("response_format") not in (None, {"type": "text"}):
+        raise invalid("response_format: only {'type': 'text'} is supported", "response_format")
+    messages, remote = _messages(body.get("messages"))
+    sampling = {k: body[k] for k in SAMPLING if body.get(k) is not None}
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        sampling["max_tokens"] = limit
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise invalid("stop: a string or a list of strings", "stop")
+        sampling["stop"] = stop
+    for name, value in sampling.items():
+        if name != "stop" and (isinstance(value, bool) != (name == "ignore_eos") or not isinstance(value, (int, float))):
+            raise invalid(f"{name}: {value!r} is not a {'boolean' if name == 'ignore_eos' else 'number'}", name)
+    options = body.get("stream_options") or {}
+    return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote)
+
+
+def _messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
+    """OpenAI turns → the model's layout (role and content only; `developer` is `system`)."""
+    if not isinstance(messages, list) or not messages:
+        raise invalid("messages: a non-empty list of turns is required", "messages")
+    out, remote = [], []
+    for t, turn in enumerate(messages):
+        param = f"messages[{t}]"
+        role = turn.get("role") if isinstance(turn, dict) else None
+        if role not in ROLES:
+            raise invalid(f"{param}.role: {role!r} is not supported (system, developer, user, assistant)", param)
+        content = turn.get("content")
+        if isinstance(content, list):
+            for p, part in enumerate(content):
+                url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
+                link = url.get("url") if isinstance(url, dict) else url
+                if isinstance(link, str) and link.startswith(("http://", "https://")):
+                    remote.append((f"{param}.content[{p}].image_url", url))
+        out.append({"role": ROLES[role], "content": content})
+    return out, remote
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
+    """One streamed chunk; delta None: the usage chunk (no choices)."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def models(served_model: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
+                                        "owned_by": "qwen3vl-epd"}]}

@@ -1,0 +1,235 @@
+"""The OpenAI-compatible door that scripts/serve starts, through the official `openai` package:
+equal to the Triton door and to transformers, conversations, errors, cancellation."""
+
+import base64
+import http.client
+import http.server
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from fixtures import ROOT, image_bytes
+from reference import reference_greedy
+from tritonserver import TritonServer, free_ports
+
+from client import generate, text_of
+
+pytestmark = pytest.mark.triton
+
+MAX_TOKENS = 12
+PORTRAIT, SMALL = "portrait_300x500.png", "small_64x64.webp"
+
+
+def data_url(name: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(image_bytes(name)).decode()
+
+
+def image_part(name: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(name)}}
+
+
+# Conversations: text only, one image, and several turns with an image in two of them.
+CONVERSATIONS = {
+    "text": [{"role": "user", "content": "Tell me about the sea."}],
+    "image": [{"role": "user", "content": [image_part(SMALL), {"type": "text", "text": "Describe this image."}]}],
+    "turns": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [image_part(PORTRAIT), {"type": "text", "text": "What is this?"}]},
+        {"role": "assistant", "content": "A portrait."},
+        {"role": "user", "content": [{"type": "text", "text": "And this one?"}, image_part(SMALL)]},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, checkpoint):
+    s = TritonServer(tmp_path_factory.mktemp("openai") / "server.log", env={"EPD_CHECKPOINT": checkpoint},
+                     supervised=True)
+    deadline = time.monotonic() + 60
+    while True:  # the door serves once tritonserver is ready
+        try:
+            urllib.request.urlopen(s.openai_url.removesuffix("/v1") + "/health", timeout=2)
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the OpenAI door never became healthy"
+            time.sleep(0.5)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    return openai.OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def expected(processor, reference):
+    """Per conversation: transformers' greedy text, rendered by the checkpoint's chat template."""
+    from qwen3vl_epd.messages import parse_messages
+
+    out = {}
+    for name, turns in CONVERSATIONS.items():
+        c = parse_messages(json.dumps(turns))
+        prompt = processor.process(processor.apply_chat_template(c.turns), c.images, raw_prompt=True)
+        tokens = reference_greedy(reference, prompt, MAX_TOKENS)
+        out[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), prompt.fill_ids.numel()
+    return out
+
+
+def sdk_text(sdk, stream: bool, **kw) -> tuple[str, str, object]:
+    """(text, finish_reason, usage) of one chat completion through the SDK."""
+    if not stream:
+        r = sdk.chat.completions.create(model="tiny", **kw)
+        return r.choices[0].message.content, r.choices[0].finish_reason, r.usage
+    chunks = list(sdk.chat.completions.create(model="tiny", stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and chunks[-1].choices == []
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, finish[0], chunks[-1].usage
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_sdk_equals_triton_door_and_transformers(server, sdk, expected, name, stream):
+    want_text, want_n, prompt_tokens = expected[name]
+    text, finish, usage = sdk_text(sdk, stream, messages=CONVERSATIONS[name], max_completion_tokens=MAX_TOKENS)
+    assert text == want_text
+    assert finish == ("stop" if want_n < MAX_TOKENS else "length")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, want_n)
+    triton_text, last = text_of(generate(server.grpc_url, None, messages=CONVERSATIONS[name], max_tokens=MAX_TOKENS))
+    assert triton_text == text and last.num_input_tokens == prompt_tokens
+
+
+def test_sampling_fields_match_the_triton_door(server, sdk):
+    fields = dict(temperature=0.8, top_p=0.9, seed=11)
+    messages = CONVERSATIONS["image"]
+    text, _, _ = sdk_text(sdk, False, messages=messages, max_tokens=8, extra_body={"top_k": 40}, **fields)
+    triton, _ = text_of(generate(server.grpc_url, None, messages=messages, max_tokens=8, top_k=40, **fields))
+    assert text == triton
+    greedy, _, _ = sdk_text(sdk, True, messages=CONVERSATIONS["text"], max_tokens=MAX_TOKENS)
+    stop = greedy[4:7]
+    cut, finish, _ = sdk_text(sdk, True, messages=CONVERSATIONS["text"], max_tokens=MAX_TOKENS, stop=stop)
+    assert finish == "stop" and cut == greedy[: greedy.index(stop)]
+
+
+def status_of(call) -> tuple[int, dict]:
+    with pytest.raises(openai.APIStatusError) as e:
+        call()
+    return e.value.status_code, e.value.body
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_errors_are_openai_error_objects(server, sdk, stream):
+    create = lambda **kw: sdk_text(sdk, stream, **{"messages": CONVERSATIONS["text"], **kw})  # noqa: E731
+    status, body = status_of(lambda: create(max_tokens=0))
+    assert status == 400 and body["param"] == "max_tokens" and body["code"] == "INVALID_ARG"
+    assert body["message"] == "max_tokens: 0 is outside 1..4096"
+    status, body = status_of(lambda: sdk.chat.completions.create(model="other", messages=CONVERSATIONS["text"]))
+    assert status == 404 and body["code"] == "model_not_found"
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}]
+    status, body = status_of(lambda: create(messages=remote))
+    assert status == 400 and "messages[0].content[0].image_url: remote image URLs are not fetched" in body["message"]
+    status, body = status_of(lambda: create(messages=[{"role": "tool", "content": "x"}]))
+    assert status == 400 and body["param"] == "messages[0]"
+    status, body = status_of(lambda: create(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]}]))
+    assert status == 400 and "image 0: cannot decode image" in body["message"]
+    status, body = status_of(lambda: create(n=2))
+    assert status == 400 and body["param"] == "n"
+    assert sdk_text(sdk, stream, messages=CONVERSATIONS["text"], max_tokens=2)[2].completion_tokens == 2
+
+
+def test_dropped_stream_stops_the_engine(server):
+    """A client that leaves mid-stream: its generation stops and its KV blocks are freed."""
+    body = json.dumps({"model": "tiny", "messages": CONVERSATIONS["text"], "stream": True, "max_tokens": 4000,
+                       "ignore_eos": True})
+    conn = http.client.HTTPConnection("127.0.0.1", server.openai, timeout=60)
+    conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+    reply = conn.getresponse()
+    lines = 0
+    while lines < 4:  # role chunk and the first tokens
+        lines += reply.readline().startswith(b"data: ")
+    before = server.metric_values("epd_output_tokens_total")
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the reply's file holds the socket open past close()
+    conn.sock.close()
+    deadline = time.monotonic() + 10
+    while server.metric_values("epd_buffer_blocks_in_use").get('{pool="kv_blocks",side="language"}', 1) > 0:
+        assert time.monotonic() < deadline, "the dropped request kept its KV blocks"
+        time.sleep(0.1)
+    after = server.metric_values("epd_output_tokens_total")
+    wasted = sum(after.values()) - sum(before.values())
+    assert wasted < 50, wasted  # of 4000 (the supervisor's probes add a token a second)
+
+
+def test_remote_images_when_enabled_and_api_key(server, expected, tmp_path):
+    """A door started by hand with --allow-remote-images and --api-key, fetching from loopback."""
+    (tmp_path / SMALL).write_bytes(image_bytes(SMALL))
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    port = free_ports(1)[0]
+    door = subprocess.Popen([sys.executable, "-m", "qwen3vl_epd.openai_api", "--host", "127.0.0.1", "--port", str(port),
+                             "--triton", server.grpc_url, "--served-model-name", "tiny", "--allow-remote-images",
+                             "--api-key", "sesame"], cwd=ROOT)
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        url = f"http://127.0.0.1:{images.server_port}/{SMALL}"
+        messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                 {"type": "text", "text": "Describe this image."}]}]
+        keyed = openai.OpenAI(base_url=base, api_key="sesame", max_retries=0)
+        text, _, _ = sdk_text(keyed, False, messages=messages, max_tokens=MAX_TOKENS)
+        assert text == expected["image"][0]
+        missing = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url + ".gone"}}]}]
+        status, body = status_of(lambda: sdk_text(keyed, False, messages=missing))
+        assert status == 400 and "answered HTTP 404" in body["message"]
+        status, body = status_of(lambda: sdk_text(openai.OpenAI(base_url=base, api_key="wrong", max_retries=0), False,
+                                                  messages=CONVERSATIONS["text"]))
+        assert status == 401 and body["code"] == "invalid_api_key"
+    finally:
+        door.terminate()
+        door.wait(15)
+        images.shutdown()
+
+
+def test_conversations_through_triton_doors(server, expected):
+    """The `messages` input on each client-facing model, gRPC and HTTP, and its errors."""
+    turns = CONVERSATIONS["turns"]
+    want = expected["turns"][0]
+    for model, protocol in [("language", "http"), ("ensemble", "grpc")]:
+        url = server.http_url if protocol == "http" else server.grpc_url
+        assert text_of(generate(url, None, protocol=protocol, model=model, messages=turns,
+                                max_tokens=MAX_TOKENS, stream=True))[0] == want
+    # images by index into `image`, as a Triton client sends them
+    by_index = [{**t, "content": [{"type": "image"} if p.get("type") == "image_url" else p for p in t["content"]]}
+                if isinstance(t["content"], list) else t for t in turns]
+    got, _ = text_of(generate(server.grpc_url, None, [image_bytes(PORTRAIT), image_bytes(SMALL)], messages=by_index,
+                              max_tokens=MAX_TOKENS))
+    assert got == want
+    # `complete` over HTTP infer: the unary door
+    infer = {"inputs": [{"name": "messages", "shape": [1, 1], "datatype": "BYTES", "data": [json.dumps(turns)]},
+                        {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [MAX_TOKENS]}]}
+    with urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/models/complete/infer",
+                                                       data=json.dumps(infer).encode()), timeout=60) as r:
+        outputs = {o["name"]: o["data"] for o in json.loads(r.read())["outputs"]}
+    assert outputs["text_output"] == [want]
+    bad = json.dumps({"messages": json.dumps([{"role": "user", "content": [{"type": "image", "image": 3}]}])}).encode()
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/models/language/generate",
+                                                      data=bad), timeout=30)
+    assert e.value.code == 400 and "turn 0 (user) part 0: image index 3 is out of range" in e.value.read().decode()
