@@ -374,3 +374,24 @@ def test_plain_tritonserver_recipe_from_the_readme(tmp_path, expected):
         except ProcessLookupError:
             pass
         log.close()
+
+
+def test_latency_histograms_count_each_request(server):
+    """Histograms per request from its arrival at the door; queue and prompt time are parts of TTFT."""
+    names = ["epd_time_to_first_token_seconds", "epd_prompt_seconds", "epd_queue_seconds", "epd_request_seconds"]
+
+    def totals():
+        time.sleep(0.3)  # reported every 0.1 s
+        return {(n, part): server.metric_values(f"{n}_{part}")[""] for n in names for part in ("count", "sum")}
+
+    before = totals()
+    for case in ("sea", "landscape"):
+        text_of(generate(server.grpc_url, *prompt_inputs(case), max_tokens=3))
+    after = totals()
+    grew = {key: after[key] - before[key] for key in after}
+    assert all(grew[(n, "count")] == 2 for n in names), grew
+    ttft = grew[("epd_time_to_first_token_seconds", "sum")]
+    assert ttft >= grew[("epd_prompt_seconds", "sum")] + grew[("epd_queue_seconds", "sum")] > 0
+    assert grew[("epd_request_seconds", "sum")] >= ttft
+    buckets = server.metric_values("epd_time_to_first_token_seconds_bucket")
+    assert buckets['{le="+Inf"}'] == after[("epd_time_to_first_token_seconds", "count")], buckets

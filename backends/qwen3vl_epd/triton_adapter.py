@@ -14,6 +14,7 @@ from .settings import Settings
 from .triton_io import coded_message, error_code, message_code
 
 BLOCKS_IN_USE = ("epd_buffer_blocks_in_use", "Blocks (or slots) in use per buffer pool")
+SECONDS_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
 
 def model_config(args: dict) -> dict:
@@ -64,13 +65,18 @@ class Outputs:
 class Metrics:
     """One model's counters and block gauges; report() sends only what changed since the last call."""
 
-    def __init__(self, side: str, pools: list[str], counters: dict[str, tuple[str, str]]):
+    def __init__(self, side: str, pools: list[str], counters: dict[str, tuple[str, str]],
+                 histograms: dict[str, tuple[str, str]] | None = None):
         family = pb_utils.MetricFamily
+        histograms = histograms or {}
         # Families must outlive their metrics, so they are kept here.
         self.families = [family(*BLOCKS_IN_USE, family.GAUGE)]
         self.families += [family(name, help_text, family.COUNTER) for name, help_text in counters.values()]
+        self.families += [family(name, help_text, family.HISTOGRAM) for name, help_text in histograms.values()]
         self.gauges = {pool: self.families[0].Metric({"side": side, "pool": pool}) for pool in pools}
         self.counters = {key: f.Metric({}) for key, f in zip(counters, self.families[1:])}
+        self.histograms = {key: f.Metric({}, buckets=SECONDS_BUCKETS)
+                           for key, f in zip(histograms, self.families[1 + len(counters):])}
         self.last: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -86,3 +92,10 @@ class Metrics:
                 else:
                     self.gauges[key].set(value)
                 self.last[key] = value
+
+    def observe(self, timings) -> None:
+        """Drain (name, seconds) pairs from a deque into their histograms."""
+        with self._lock:
+            while timings:
+                name, seconds = timings.popleft()
+                self.histograms[name].observe(seconds)

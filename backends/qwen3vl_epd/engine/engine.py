@@ -3,6 +3,7 @@ postprocess. Pulls run on the Puller's transfer workers: a step never waits on a
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +44,9 @@ class Engine:
         self._cancel_checked = 0.0
         self._arrived = threading.Event()  # a transfer ended: wake a step that has nothing to run
         puller.on_arrival = self._arrived.set
-        self.ttft_seconds, self.ttft_count, self.output_tokens = 0.0, 0, 0
+        self.output_tokens = 0
+        # (name, seconds) per request, for the histograms; drained by the metrics reporter.
+        self.timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
         self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
@@ -75,6 +78,7 @@ class Engine:
         seq = Sequence(params, length, session.mrope_delta, self.puller.chunk_tokens,
                        Detokenizer(self.tokenizer, params.stop), session, emit, cancelled,
                        time.perf_counter() if arrived is None else arrived)
+        self.timings.append(("prompt", seq.submitted - seq.arrived))
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
@@ -105,7 +109,9 @@ class Engine:
 
     def step(self) -> None:
         """admit → pull → schedule → run → postprocess, then the cancellation check."""
-        self.scheduler.admit()
+        now = time.perf_counter()
+        for seq in self.scheduler.admit():
+            self.timings.append(("queue", now - seq.submitted))
         self._pull()
         prefills, decodes = self.scheduler.schedule()
         chunks = self._prepare(prefills)
@@ -154,8 +160,7 @@ class Engine:
         pieces = self.scheduler.postprocess([c.seq for c in chunks], sampled, tokens)
         for seq in sampled:
             if len(seq.tokens) == 1:
-                self.ttft_seconds += seq.first_token_at - seq.arrived
-                self.ttft_count += 1
+                self.timings.append(("ttft", seq.first_token_at - seq.arrived))
         self.output_tokens += len(tokens)
         for seq, piece in pieces:
             self._emit(seq, piece)
@@ -173,9 +178,10 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None) -> None:
         self._emit(seq, self.scheduler.finish(seq, reason, error))
 
-    @staticmethod
-    def _emit(seq: Sequence, piece: Piece) -> None:
+    def _emit(self, seq: Sequence, piece: Piece) -> None:
         """A failing emit (the client is gone) stops that sequence, never the engine."""
+        if piece.finish_reason or piece.error is not None:
+            self.timings.append(("request", time.perf_counter() - seq.arrived))
         try:
             seq.emit(piece)
         except Exception:

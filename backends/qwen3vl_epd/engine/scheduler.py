@@ -34,8 +34,9 @@ class Scheduler:
     def all(self) -> list[Sequence]:
         return [*self.running, *self.waiting]
 
-    def admit(self) -> None:
-        """WAITING → PREFILL, first come first served, while KV and max_running allow."""
+    def admit(self) -> list[Sequence]:
+        """WAITING → PREFILL, first come first served, while KV and max_running allow; the admitted."""
+        admitted = []
         while self.waiting and len(self.running) < self.max_running:
             kv = self.kv.allocate_sequence(self.waiting[0].kv_reservation)
             if kv is None:
@@ -43,6 +44,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.kv, seq.status = kv, Status.PREFILL
             self.running.append(seq)
+            admitted.append(seq)
+        return admitted
 
     def prefilling(self) -> list[Sequence]:
         """Admitted sequences whose next prompt chunk has not arrived yet."""

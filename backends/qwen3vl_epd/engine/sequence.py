@@ -48,7 +48,8 @@ class Sequence:
     session: PullSession | LocalPrompt | None = None  # where the prompt's rows come from
     emit: Callable[[Piece], None] = lambda piece: None
     cancelled: Callable[[], bool] = lambda: False
-    arrived: float = field(default_factory=time.perf_counter)
+    arrived: float = field(default_factory=time.perf_counter)  # at the door
+    submitted: float = field(default_factory=time.perf_counter)  # at the engine, its prompt ready
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     kv: SequenceKV | None = None

@@ -17,11 +17,19 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 COUNTERS = {
     "bytes": ("epd_transfer_bytes_total", "Bytes pulled from encoders"),
     "seconds": ("epd_transfer_seconds_total", "Seconds spent in Mooncake reads"),
-    "ttft": ("epd_time_to_first_token_seconds_total", "Sum over requests of the seconds from a request's "
-             "arrival at the language model (the door: encoding and queueing included) to its first token"),
-    "first_tokens": ("epd_first_tokens_total", "Requests that produced a first token"),
     "tokens": ("epd_output_tokens_total", "Output tokens generated"),
     "retries": ("epd_encode_retries_total", "Encodes sent again because their encoder became unreachable"),
+}
+# Per request, from its arrival at this model (the door; the ensemble and complete pass straight on).
+HISTOGRAMS = {
+    "ttft": ("epd_time_to_first_token_seconds", "Seconds from a request's arrival at the language model to "
+             "its first token: prompt processing, encoding on the pool, queueing and prefill included"),
+    "prompt": ("epd_prompt_seconds", "Seconds from a request's arrival to its prompt being ready at the engine "
+               "(text only: tokenizing; with images: encoding on the pool, waiting for an encoder included)"),
+    "queue": ("epd_queue_seconds", "Seconds a ready prompt waited for the engine to admit it (KV cache space, "
+              "max_running)"),
+    "request": ("epd_request_seconds", "Seconds from a request's arrival to its final response (finished, "
+                "cancelled or failed in the engine)"),
 }
 
 
@@ -29,7 +37,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = ta.model_config(args)
         self.outputs = ta.Outputs(config)
-        self.metrics = ta.Metrics("language", ["slots", "token_blocks", "visual_blocks", "kv_blocks"], COUNTERS)
+        self.metrics = ta.Metrics("language", ["slots", "token_blocks", "visual_blocks", "kv_blocks"], COUNTERS,
+                                  HISTOGRAMS)
         # Responses go out on their own thread: a send is a blocking round trip to the server
         # process, and the engine's next forward should not wait for it. Pieces that queue up
         # meanwhile for the same request leave as one response.
@@ -117,9 +126,10 @@ class TritonPythonModel:
         engine, stats = self.service.engine, self.service.puller.stats
         # Gauges read first: a pool seen empty comes with every token generated before it emptied.
         self.metrics.report({
-            **engine.in_use(), "bytes": stats.bytes_read, "seconds": stats.seconds, "ttft": engine.ttft_seconds,
-            "first_tokens": engine.ttft_count, "tokens": engine.output_tokens,
+            **engine.in_use(), "bytes": stats.bytes_read, "seconds": stats.seconds,
+            "tokens": engine.output_tokens,
             "retries": self.service.encoders.retries})
+        self.metrics.observe(engine.timings)
 
     def finalize(self):
         self.stopping.set()
