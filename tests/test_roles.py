@@ -10,7 +10,7 @@ from tritonserver import free_ports
 
 from qwen3vl_epd.encoder_pool import EncoderPool
 from qwen3vl_epd.errors import UnavailableError
-from qwen3vl_epd.launch import command, role_env, target_hosts
+from qwen3vl_epd.launch import MODEL_REPOSITORY, command, device_repository, role_env, target_hosts
 from qwen3vl_epd.transfer.puller import HostAllowList
 from qwen3vl_epd.transfer.transport import advertised_host
 
@@ -50,6 +50,27 @@ def test_roles_load_only_their_models(monkeypatch):
     assert "--load-model=encoder" not in argv and env["EPD_ALLOWED_ENCODER_HOSTS"] == "10.0.1.2"
     argv, env = command(grpc_port=9001)  # all: every model, the encoder reached through this server
     assert not any(a.startswith("--load-model") for a in argv)
+
+
+def test_gpu_configuration_is_generated_not_edited(tmp_path):
+    """--device cuda:N: encoder and language become KIND_GPU instances on GPU N with device cuda:N,
+    in a generated repository whose model.py files are the repository's own; nothing is edited."""
+    before = {p: p.read_text() for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
+    repo = device_repository("cuda:1", tmp_path)
+    for model in ("encoder", "language"):
+        config = (repo / model / "config.pbtxt").read_text()
+        assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]" in config and "KIND_CPU" not in config
+        assert 'key: "device" value: { string_value: "cuda:1" }' in config and '"cpu"' not in config
+        assert (repo / model / "1" / "model.py").resolve() == (MODEL_REPOSITORY / model / "1" / "model.py").resolve()
+    assert (repo / "complete" / "config.pbtxt").read_text() == before[MODEL_REPOSITORY / "complete" / "config.pbtxt"]
+    assert (repo / "ensemble" / "config.pbtxt").exists()
+    argv, _ = command(work_dir=tmp_path, device="cuda:1")
+    assert f"--model-repository={repo}" in argv
+    assert device_repository("cpu", tmp_path) == MODEL_REPOSITORY
+    assert command(work_dir=tmp_path)[0].count(f"--model-repository={MODEL_REPOSITORY}") == 1
+    with pytest.raises(SystemExit, match="not cpu, cuda or cuda:N"):
+        device_repository("gpu0", tmp_path)
+    assert {p: p.read_text() for p in MODEL_REPOSITORY.glob("*/config.pbtxt")} == before
 
 
 def test_allow_list_names_and_networks():

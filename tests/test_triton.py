@@ -395,3 +395,15 @@ def test_latency_histograms_count_each_request(server):
     assert grew[("epd_request_seconds", "sum")] >= ttft
     buckets = server.metric_values("epd_time_to_first_token_seconds_bucket")
     assert buckets['{le="+Inf"}'] == after[("epd_time_to_first_token_seconds", "count")], buckets
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(),
+                    reason="no CUDA GPU here; the generated GPU configuration is checked by test_roles")
+def test_serves_on_a_gpu(tmp_path, checkpoint, expected):
+    s = TritonServer(tmp_path / "server.log", env={"EPD_CHECKPOINT": checkpoint}, args=["--device=cuda:0"])
+    try:
+        for case in CASES:
+            text, last = text_of(generate(s.grpc_url, *prompt_inputs(case), max_tokens=MAX_TOKENS))
+            assert last.num_output_tokens == expected[case][1] and text == expected[case][0]
+    finally:
+        s.stop()

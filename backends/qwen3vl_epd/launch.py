@@ -50,6 +50,33 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target)
 
 
+CPU_INSTANCES = "instance_group [ { count: 1 kind: KIND_CPU } ]"
+CPU_DEVICE = 'parameters { key: "device" value: { string_value: "cpu" } }'
+
+
+def device_repository(device: str, work_dir: Path, source: Path = MODEL_REPOSITORY) -> Path:
+    """The model repository for `device`: the source itself for cpu; for cuda[:N] a generated one
+    under work_dir whose encoder and language run as KIND_GPU instances on GPU N with device
+    cuda:N (config.pbtxt rewritten, version directories linked: the same model.py files)."""
+    if device == "cpu":
+        return source
+    if not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise SystemExit(f"--device: {device!r} is not cpu, cuda or cuda:N")
+    gpu = int(device[5:] or 0) if ":" in device else 0
+    out = work_dir / f"repository-cuda{gpu}"
+    for model in sorted(d for d in source.iterdir() if (d / "config.pbtxt").exists()):
+        target = out / model.name
+        target.mkdir(parents=True, exist_ok=True)
+        config = (model / "config.pbtxt").read_text()
+        if CPU_DEVICE in config:  # the models that run torch
+            config = config.replace(CPU_INSTANCES, f"instance_group [ {{ count: 1 kind: KIND_GPU gpus: [ {gpu} ] }} ]")
+            config = config.replace(CPU_DEVICE, f'parameters {{ key: "device" value: {{ string_value: "cuda:{gpu}" }} }}')
+        (target / "config.pbtxt").write_text(config)
+        for version in (d for d in model.iterdir() if d.is_dir() and d.name.isdigit()):
+            _link(version.resolve(), target / version.name)
+    return out
+
+
 def target_hosts(target: str) -> list[str]:
     """The hosts of a gRPC target that lists addresses ("ipv4:a:p,b:p", "a:p"); [] for a DNS name."""
     if target.startswith("dns:"):
@@ -81,9 +108,11 @@ def role_env(role: str, grpc_port: int, env: dict) -> dict:
 
 def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=MODEL_REPOSITORY,
             work_dir: Path | None = None, extra: list[str] = (), role: str = "all",
-            log_info: bool = False, verbose: bool = False) -> tuple[list[str], dict]:
+            log_info: bool = False, verbose: bool = False, device: str = "cpu") -> tuple[list[str], dict]:
     """The tritonserver argv and environment. `log_info`: its info lines (the supervisor's console
     filters them); `verbose`: everything, Mooncake's info lines too."""
+    work_dir = work_dir or REPO_ROOT / ".triton"
+    model_repository = device_repository(device, work_dir, model_repository)
     env = dict(os.environ)
     env.update(role_env(role, grpc_port, env))
     if not verbose:
@@ -104,7 +133,7 @@ def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=
     system = shutil.which("tritonserver", path="/opt/tritonserver/bin" + os.pathsep + env["PATH"])
     if system and "pytriton" not in system:
         return [system, *argv], env
-    binary, backends = pytriton_backend_dir(work_dir or REPO_ROOT / ".triton")
+    binary, backends = pytriton_backend_dir(work_dir)
     # The venv interpreter's own libpython first: Debian's system one breaks the venv's stdlib in the stub.
     libdir = sysconfig.get_config_var("LIBDIR")
     env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
@@ -125,6 +154,8 @@ def main() -> None:
     parser.add_argument("--probe-interval-s", type=float, default=float(os.environ.get("EPD_PROBE_INTERVAL_S", 1)),
                         help="supervise: probe every model this often and restart tritonserver when one stops "
                         "serving or it crashes (0: no supervisor, tritonserver replaces this process)")
+    parser.add_argument("--device", default=os.environ.get("EPD_DEVICE", "cpu"),
+                        help="cpu, or cuda[:N]: encoder and language as GPU instances on GPU N (EPD_DEVICE)")
     parser.add_argument("--openai-port", type=int, default=int(os.environ.get("OPENAI_PORT", 9000)),
                         help="the OpenAI-compatible door's port, roles all and language (0: none)")
     parser.add_argument("--served-model-name", help="the OpenAI door's model name (default: the checkpoint's "
@@ -137,8 +168,8 @@ def main() -> None:
         if getattr(args, name):
             os.environ["EPD_" + name.upper()] = getattr(args, name)
     argv, env = command(args.http_port, args.grpc_port, args.metrics_port, extra=extra, role=args.role,
-                        log_info=args.probe_interval_s > 0, verbose=args.verbose)
-    print(f"serving {MODEL_REPOSITORY} as role {args.role} ({', '.join(ROLE_MODELS[args.role]) or 'every model'}): "
+                        log_info=args.probe_interval_s > 0, verbose=args.verbose, device=args.device)
+    print(f"serving {MODEL_REPOSITORY} on {args.device} as role {args.role} ({', '.join(ROLE_MODELS[args.role]) or 'every model'}): "
           f"HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, "
           f"metrics http://localhost:{args.metrics_port}/metrics\n"
           f"try: .venv/bin/python -m client --prompt 'Describe this image.' --image IMAGE --stream "
