@@ -55,16 +55,21 @@ def storm(server: TritonServer, model: str, streams: int, max_tokens: int) -> fl
         received.append(got)
         clients.append(client)
 
+    run_all(one, streams, barrier)
+    settle(produced)
+    for c in clients:
+        c.close()
+    return (produced() - before - sum(received)) / streams
+
+
+def run_all(one, streams: int, barrier: threading.Barrier) -> None:
+    """one(i) for each stream on its own thread; returns when all reached the barrier and ended."""
     threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
     for t in threads:
         t.start()
     barrier.wait()
     for t in threads:
         t.join()
-    settle(produced)
-    for c in clients:
-        c.close()
-    return (produced() - before - sum(received)) / streams
 
 
 def settle(produced) -> None:
@@ -104,12 +109,7 @@ def openai_storm(server: TritonServer, streams: int, max_tokens: int) -> float:
             conns.append(conn)
             barrier.wait()
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-        for t in threads:
-            t.start()
-        barrier.wait()
-        for t in threads:
-            t.join()
+        run_all(one, streams, barrier)
         for c in conns:
             c.sock.shutdown(socket.SHUT_RDWR)  # the reply's file still refers to the socket: close() alone waits
             c.sock.close()

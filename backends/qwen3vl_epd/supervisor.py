@@ -175,7 +175,7 @@ class Supervisor:
             p.send_signal(signal.SIGTERM)
         for p in running:
             try:
-                p.wait(10)
+                p.wait(6)  # the door's own graceful stop takes 5 s at most
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
