@@ -47,9 +47,11 @@ def server(tmp_path_factory, checkpoint):
 
 
 def tritonserver_pid(server) -> int:
+    """The supervisor's tritonserver child (its other child is the OpenAI door)."""
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == server.process.pid:
+            if (proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == server.process.pid
+                    and (proc / "cmdline").read_bytes().split(b"\0")[0].endswith(b"tritonserver")):
                 return int(proc.name)
         except (OSError, IndexError, ValueError):
             pass

@@ -407,3 +407,20 @@ def test_serves_on_a_gpu(tmp_path, checkpoint, expected):
             assert last.num_output_tokens == expected[case][1] and text == expected[case][0]
     finally:
         s.stop()
+
+
+def test_a_repeated_image_is_encoded_once(server):
+    """The encoder cache through the server: three requests with one new image, one vision forward,
+    the same answer each time; its metrics move accordingly."""
+    image = noise_jpeg(320, seed=77)  # no other test sends it
+    names = ["epd_vision_images_total", "epd_encoder_cache_hits_total", "epd_encoder_cache_misses_total"]
+
+    def counts():
+        time.sleep(0.3)
+        return [sum(server.metric_values(n).values()) for n in names]
+
+    before = counts()
+    answers = {text_of(generate(server.grpc_url, "Describe <image>.", [image], max_tokens=6))[0] for _ in range(3)}
+    images, hits, misses = (a - b for a, b in zip(counts(), before))
+    assert (images, hits, misses) == (1, 2, 1) and len(answers) == 1
+    assert server.metric_values("epd_encoder_cache_bytes")[""] > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import warnings
@@ -20,6 +21,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
 
 from .checkpoint import load_config
+from .encoder_cache import CachedImage, EncoderCache
 from .errors import (
     ImageDecodeError,
     ImageTooLargeError,
@@ -53,15 +55,16 @@ class ProcessedPrompt:
     mrope_delta: int
     image_spans: list = field(default_factory=list)  # (first token, number of pads) per image
     image_sizes: list = field(default_factory=list)  # (width, height) as decoded, per image
+    image_keys: list = field(default_factory=list)  # content key per image (Processor.image_key), or none
+    cached: list = field(default_factory=list)  # per image: its CachedImage (no patches cut), or None
 
     @property
     def num_images(self) -> int:
         return int(self.image_grid_thw.shape[0])
 
 
-def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
-    """Raw JPEG/PNG/WebP bytes (or a base64 data URL, for JSON clients) → RGB image, enforcing
-    byte and pixel limits before decoding."""
+def image_data(data: bytes, index: int, limits: Limits) -> bytes:
+    """An `image` element's raw bytes (a base64 data URL decoded), within the encoded-bytes limit."""
     if data[:5] == b"data:" and b";base64," in data[:100]:
         try:
             data = base64.b64decode(data.split(b";base64,", 1)[1], validate=True)
@@ -73,6 +76,13 @@ def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
         )
     if not data:
         raise ImageDecodeError(index, "cannot decode image: it is empty (0 bytes)")
+    return data
+
+
+def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Raw JPEG/PNG/WebP bytes (or a base64 data URL, for JSON clients) → RGB image, enforcing
+    byte and pixel limits before decoding."""
+    data = image_data(data, index, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -113,6 +123,8 @@ class Processor:
         pp = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
         pp.pop("image_processor_type", None)
         self.image_processor = Qwen2VLImageProcessorPil(**pp)
+        # Everything that shapes an image's patches besides its bytes: part of its cache key.
+        self.fingerprint = hashlib.sha256(json.dumps(pp, sort_keys=True).encode()).digest()
         self.merge_size = self.image_processor.merge_size
         self.image_token_id = self.config.image_token_id
         # get_rope_index only needs the config and get_vision_position_ids (which ignores self);
@@ -152,23 +164,40 @@ class Processor:
         """The checkpoint's chat template with the generation prompt, untokenized."""
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def process(self, text: str, images: list[bytes] = (), raw_prompt: bool = False) -> ProcessedPrompt:
-        """DESIGN §5 semantics of `text_input` + `image` + `raw_prompt`."""
+    def image_key(self, data: bytes) -> bytes:
+        """Full SHA-256 of an image's raw bytes and the processor settings: its encoder cache key."""
+        return hashlib.sha256(self.fingerprint + data).digest()
+
+    def process(self, text: str, images: list[bytes] = (), raw_prompt: bool = False,
+                cache: EncoderCache | None = None) -> ProcessedPrompt:
+        """DESIGN §5 semantics of `text_input` + `image` + `raw_prompt`; an image found in `cache`
+        is neither decoded nor cut into patches."""
         if len(images) > self.limits.max_images:
             raise TooManyImagesError(
                 f"image: {len(images)} images is over the limit of {self.limits.max_images} per prompt"
             )
         prompt = self.build_prompt(text, len(images), raw_prompt)
-        decoded = [decode_image(data, i, self.limits) for i, data in enumerate(images)]
-        return self.process_prompt(prompt, decoded)
+        data = [image_data(d, i, self.limits) for i, d in enumerate(images)]
+        keys = [self.image_key(d) for d in data]
+        found = [cache.get(k) if cache is not None else None for k in keys]
+        decoded = [c or decode_image(d, i, self.limits) for i, (d, c) in enumerate(zip(data, found))]
+        return self.process_prompt(prompt, decoded, keys)
 
-    def process_prompt(self, prompt: str, images: list[Image.Image]) -> ProcessedPrompt:
-        """A templated prompt with one vision placeholder per decoded image → ProcessedPrompt."""
-        if images:
-            pixel_values, grid_thw = self._patches(images)
-        else:
-            pixel_values = torch.zeros(0, self._patch_dim(), dtype=torch.float32)
-            grid_thw = torch.zeros(0, 3, dtype=torch.int64)
+    def process_prompt(self, prompt: str, images: list, keys: list[bytes] = ()) -> ProcessedPrompt:
+        """A templated prompt with one vision placeholder per image (decoded, or a CachedImage)
+        → ProcessedPrompt; patches only for the decoded ones."""
+        pixel_values = [torch.zeros(0, self._patch_dim(), dtype=torch.float32)]
+        grids, sizes = [torch.zeros(0, 3, dtype=torch.int64)], []
+        for i, image in enumerate(images):
+            if isinstance(image, CachedImage):
+                grids.append(image.grid_thw[None])
+                sizes.append(image.size)
+            else:
+                pv, grid = self._patch(image, i)
+                pixel_values.append(pv)
+                grids.append(grid)
+                sizes.append(image.size)
+        grid_thw = torch.cat(grids)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         fill_ids, spans = self._expand_pads(ids, grid_thw)
         if fill_ids.numel() > self.limits.max_prompt_tokens:
@@ -179,12 +208,14 @@ class Processor:
         positions, delta = self.rope_index(fill_ids, grid_thw)
         return ProcessedPrompt(
             fill_ids=fill_ids,
-            pixel_values=pixel_values,
+            pixel_values=torch.cat(pixel_values),
             image_grid_thw=grid_thw,
             mrope_positions=positions,
             mrope_delta=delta,
             image_spans=spans,
-            image_sizes=[im.size for im in images],
+            image_sizes=sizes,
+            image_keys=list(keys),
+            cached=[image if isinstance(image, CachedImage) else None for image in images],
         )
 
     def rope_index(self, fill_ids: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -201,19 +232,16 @@ class Processor:
         ip = self.image_processor
         return 3 * ip.temporal_patch_size * ip.patch_size * ip.patch_size
 
-    def _patches(self, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixel_values, grids = [], []
-        for i, image in enumerate(images):
-            try:
-                out = self.image_processor(images=[image], return_tensors="pt")
-            except ValueError as e:  # smart_resize: aspect ratio over 200
-                raise ImageTooLargeError(
-                    i, f"{image.size[0]}x{image.size[1]} is rejected by the image processor's aspect ratio "
-                    f"limit (200): {e}"
-                ) from None
-            pixel_values.append(out["pixel_values"])
-            grids.append(out["image_grid_thw"])
-        return torch.cat(pixel_values).to(torch.float32), torch.cat(grids).to(torch.int64)
+    def _patch(self, image: Image.Image, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's patches [n, C*T*P*P] float32 and grid [1, 3]."""
+        try:
+            out = self.image_processor(images=[image], return_tensors="pt")
+        except ValueError as e:  # smart_resize: aspect ratio over 200
+            raise ImageTooLargeError(
+                index, f"{image.size[0]}x{image.size[1]} is rejected by the image processor's aspect ratio "
+                f"limit (200): {e}"
+            ) from None
+        return out["pixel_values"].to(torch.float32), out["image_grid_thw"].to(torch.int64)
 
     def _expand_pads(self, ids: list[int], grid_thw: torch.Tensor) -> tuple[torch.Tensor, list]:
         tokens_per_image = (grid_thw.prod(-1) // (self.merge_size**2)).tolist()

@@ -14,6 +14,7 @@ from .block_allocator import blocks_for
 from .buffers import BufferConfig, MultimodalDataBuffers
 from .checkpoint import load_config
 from .encoder import VisionEncoder, encoded_prompt
+from .encoder_cache import EncoderCache
 from .encoder_pool import EncoderPool
 from .engine.engine import Engine
 from .engine.local_prompt import LocalPrompt
@@ -76,6 +77,7 @@ class EncoderService:
         self.processor = Processor(s.checkpoint_dir, _limits(s))
         self.encoder = VisionEncoder(s.checkpoint_dir, s.torch_dtype(self.processor.config), s.device)
         self.buffers = _buffers(s, self.encoder.hidden_size, self.encoder.num_deepstack, self.encoder.dtype)
+        self.cache = EncoderCache(int(s.encoder_cache_mb * 2**20)) if s.encoder_cache_mb > 0 else None
         self.stager = Stager(self.buffers, _transport(s), HandleKeys.load(s.handle_key_file),
                              handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
         self.encode_seconds, self.encode_count = 0.0, 0
@@ -97,10 +99,10 @@ class EncoderService:
         for i, r in enumerate(requests):
             try:
                 check_request(r.text, r.sampling, s)
-                processed[i] = self.processor.process(r.text, r.images, r.raw_prompt)
+                processed[i] = self.processor.process(r.text, r.images, r.raw_prompt, self.cache)
             except EpdError as e:
                 results[i] = e
-        encoded = self.encoder.encode(list(processed.values()))
+        encoded = self.encoder.encode(list(processed.values()), self.cache)
         for i, prompt in zip(processed, encoded):
             try:
                 results[i] = self.stager.stage(prompt)

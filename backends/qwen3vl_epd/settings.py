@@ -43,6 +43,7 @@ class Settings:
     num_visual_blocks: int = 256
     num_slots: int = 64
     handle_ttl_s: float = 120.0
+    encoder_cache_mb: float = 1024.0  # encoder outputs kept per image content (0: no cache)
     alloc_wait_s: float = 5.0
     chunk_tokens: int = 2048  # prompt tokens pulled and prefilled per chunk
     # engine

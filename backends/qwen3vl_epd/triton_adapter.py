@@ -66,9 +66,9 @@ class Metrics:
     """One model's counters and block gauges; report() sends only what changed since the last call."""
 
     def __init__(self, side: str, pools: list[str], counters: dict[str, tuple[str, str]],
-                 histograms: dict[str, tuple[str, str]] | None = None):
+                 histograms: dict[str, tuple[str, str]] | None = None, gauges: dict[str, tuple[str, str]] | None = None):
         family = pb_utils.MetricFamily
-        histograms = histograms or {}
+        histograms, gauges = histograms or {}, gauges or {}
         # Families must outlive their metrics, so they are kept here.
         self.families = [family(*BLOCKS_IN_USE, family.GAUGE)]
         self.families += [family(name, help_text, family.COUNTER) for name, help_text in counters.values()]
@@ -77,6 +77,9 @@ class Metrics:
         self.counters = {key: f.Metric({}) for key, f in zip(counters, self.families[1:])}
         self.histograms = {key: f.Metric({}, buckets=SECONDS_BUCKETS)
                            for key, f in zip(histograms, self.families[1 + len(counters):])}
+        for key, (name, help_text) in gauges.items():
+            self.families.append(family(name, help_text, family.GAUGE))
+            self.gauges[key] = self.families[-1].Metric({})
         self.last: dict[str, float] = {}
         self._lock = threading.Lock()
 
