@@ -1,5 +1,6 @@
 """Multi-turn conversations with caching on and off, side by side in one run: two servers (the
-encoder cache on, and off with EPD_ENCODER_CACHE_MB=0), the same workload on each, alternating.
+encoder and prefix caches on; both off with EPD_ENCODER_CACHE_MB=0 EPD_PREFIX_CACHE=false), the
+same workload on each, alternating.
 
 Workload: conversations of 4 turns, one 1024×1024 image in the first turn and a short question
 per turn, each turn resending the whole history (the model's own answers as assistant turns),
@@ -51,7 +52,8 @@ def conversation(server: TritonServer, image: bytes) -> tuple[list[float], int]:
 def counters(server: TritonServer) -> dict[str, float]:
     time.sleep(0.3)  # metrics are reported every 0.1 s
     names = ["epd_vision_images_total", "epd_transfer_bytes_total", "epd_encoder_cache_hits_total",
-             "epd_encoder_cache_misses_total"]
+             "epd_encoder_cache_misses_total", "epd_prefix_cache_hit_tokens_total",
+             "epd_prefix_cache_queried_tokens_total"]
     return {n: sum(server.metric_values(n).values()) for n in names}
 
 
@@ -71,6 +73,8 @@ def workload(server: TritonServer, images: list[bytes], concurrency: int) -> dic
         "pulled_mb": grew["epd_transfer_bytes_total"] / n / 2**20,
         "tok_s": sum(tokens for _, tokens in runs) / wall,
         "hit_rate": grew["epd_encoder_cache_hits_total"] / looked if looked else 0.0,
+        "prefix_rate": (grew["epd_prefix_cache_hit_tokens_total"] / grew["epd_prefix_cache_queried_tokens_total"]
+                        if grew["epd_prefix_cache_queried_tokens_total"] else 0.0),
     }
 
 
@@ -82,7 +86,8 @@ def main() -> None:
     args = ap.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="epd-multiturn-"))
     servers = {"on": TritonServer(logs / "on.log", wait=False),
-               "off": TritonServer(logs / "off.log", {"EPD_ENCODER_CACHE_MB": "0"}, wait=False)}
+               "off": TritonServer(logs / "off.log", {"EPD_ENCODER_CACHE_MB": "0", "EPD_PREFIX_CACHE": "false"},
+                                   wait=False)}
     results: dict[str, list[dict]] = {"on": [], "off": []}
     try:
         for s in servers.values():
@@ -98,11 +103,12 @@ def main() -> None:
     print(f"{args.conversations} conversations × 4 turns, one 1024×1024 image in turn 1, concurrency "
           f"{args.concurrency}, max_tokens {MAX_TOKENS}, through ensemble (gRPC streaming)\n")
     print("| caching | mean TTFT turn 1 ms | mean TTFT turns 2–4 ms | vision forwards / conversation | "
-          "MiB pulled / conversation | output tok/s | encoder cache hit rate |\n|---|---|---|---|---|---|---|")
+          "MiB pulled / conversation | output tok/s | encoder cache hit rate | prefix cache hit rate (tokens) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name in ("off", "on"):
         m = mean[name]
         print(f"| {name} | {m['ttft_first'] * 1e3:.0f} | {m['ttft_later'] * 1e3:.0f} | {m['forwards']:.2f} | "
-              f"{m['pulled_mb']:.1f} | {m['tok_s']:.1f} | {m['hit_rate']:.2f} |")
+              f"{m['pulled_mb']:.1f} | {m['tok_s']:.1f} | {m['hit_rate']:.2f} | {m['prefix_rate']:.2f} |")
     ratio = mean["on"]["ttft_later"] / mean["off"]["ttft_later"]
     forwards = mean["on"]["forwards"]
     print(f"goal: multiturn_ttft_turns_2_4_vs_off {ratio:.2f} (target <= 0.3) {verdict(ratio, '<=', 0.3)}")

@@ -65,9 +65,8 @@ def _serve(conn, hidden, deepstack, buffer_config, ttl, alloc_wait_s, checkpoint
                 result = stager.stage(synthetic_prompt(seed, length, visual, hidden, deepstack, images, dtype))
             elif cmd == "addresses":
                 result = {k: t.data_ptr() for k, t in buffers.regions().items()}
-            elif cmd == "prompt":
-                text, images = args
-                result = stager.stage(encoder.encode([processor.process(text, images)])[0])
+            elif cmd == "prompt":  # text, images[, raw_prompt]
+                result = stager.stage(encoder.encode([processor.process(*args)])[0])
             elif cmd == "token_rows":  # the raw fill_ids pool, to check what a released slot leaves
                 result = buffers.fill_ids[:, 0].clone()
             elif cmd == "in_use":

@@ -197,7 +197,7 @@ def test_inconsistent_prompt_fails_alone(peer, puller, language, processor, expe
         good = submit(engine, peer, "small_image")
         bad = submit(engine, peer, "small_image", handle=peer.stage(5, 100, 30, 1))  # random ids: no image pads
         wait_all([good, bad])
-        assert bad.last.error is not None and re.search(r"chunk 0: 0 image pads but \d+ embedding rows",
+        assert bad.last.error is not None and re.search(r"tokens 0\.\.\d+: 0 image pads but \d+ embedding rows",
                                                         str(bad.last.error))
         assert (good.text, good.last.num_output_tokens) == expected["small_image"][:2]
         assert_all_free(engine, peer)

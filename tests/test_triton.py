@@ -424,3 +424,21 @@ def test_a_repeated_image_is_encoded_once(server):
     images, hits, misses = (a - b for a, b in zip(counts(), before))
     assert (images, hits, misses) == (1, 2, 1) and len(answers) == 1
     assert server.metric_values("epd_encoder_cache_bytes")[""] > 0
+
+
+def test_prefix_cache_metrics_and_answers(server, expected):
+    """The same prompt twice: the second finds all but its last block cached and answers the same."""
+    names = ["epd_prefix_cache_queried_tokens_total", "epd_prefix_cache_hit_tokens_total"]
+
+    def counts():
+        time.sleep(0.3)
+        return [server.metric_values(n)[""] for n in names]
+
+    text, images = prompt_inputs("landscape")
+    first = counts()
+    answers = [text_of(generate(server.grpc_url, text, images, max_tokens=MAX_TOKENS)) for _ in range(2)]
+    queried, hit = (a - b for a, b in zip(counts(), first))
+    length = answers[0][1].num_input_tokens
+    assert queried == 2 * length and (length - 1) // 16 * 16 <= hit <= 2 * ((length - 1) // 16 * 16)
+    assert answers[0][0] == answers[1][0] == expected["landscape"][0]
+    assert server.metric_values("epd_prefix_cache_blocks")[""] >= (length - 1) // 16

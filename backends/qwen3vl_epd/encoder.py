@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
 from .checkpoint import VISION_PREFIX, CheckpointReader, load_config, materialize
 from .encoder_cache import CachedImage, EncoderCache
+from .prefix import block_hashes
 from .processor import ProcessedPrompt
 
 
@@ -23,6 +24,7 @@ class EncodedPrompt:
     deepstack: torch.Tensor  # [V, D*H] model dtype, [ds_0 | ds_1 | ...] per visual token
     mrope_delta: int
     image_spans: list[tuple[int, int]]  # (first token, number of tokens) of each image's pads
+    image_keys: list[bytes] = field(default_factory=list)  # content key of each image (prefix hashes)
 
     @property
     def length(self) -> int:
@@ -49,6 +51,10 @@ class EncodedPrompt:
             image_spans=clip_spans(self.image_spans, start, end),
         )
 
+    def block_hashes(self) -> list[bytes]:
+        """The prefix hash chain of the whole prompt (prefix.block_hashes)."""
+        return block_hashes(self.fill_ids.tolist(), self.image_spans, self.image_keys)
+
     def chunks(self, size: int | None = None) -> Iterator[EncodedPrompt]:
         """Consecutive slices of `size` tokens (the whole prompt when None)."""
         size = size or self.length
@@ -61,6 +67,7 @@ def encoded_prompt(p: ProcessedPrompt, embeddings: torch.Tensor, deepstack: torc
     return EncodedPrompt(
         fill_ids=p.fill_ids.to(torch.int32), mrope_positions=p.mrope_positions.T.contiguous().to(torch.int32),
         embeddings=embeddings, deepstack=deepstack, mrope_delta=p.mrope_delta, image_spans=p.image_spans,
+        image_keys=list(p.image_keys),
     )
 
 

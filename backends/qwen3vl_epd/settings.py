@@ -49,6 +49,7 @@ class Settings:
     # engine
     kv_cache_tokens: int = 65536  # KV cache budget, in tokens, allocated at start
     kv_block_size: int = 16
+    prefix_cache: bool = True  # reuse the KV of full prompt blocks other requests computed (LRU)
     max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
     max_running: int = 256
     max_queued_requests: int = 1024
@@ -110,6 +111,10 @@ def _convert(kind: str, text: str, key: str):
             return int(text)
         if kind == "float":
             return float(text)
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
         if kind.startswith("list"):
             return [s.strip() for s in text.split(",") if s.strip()]
         return text

@@ -36,7 +36,8 @@ class Engine:
         tc = model.config.text_config
         self.config = config
         self.kv = PagedKVCache(tc.num_hidden_layers, blocks_for(config.kv_cache_tokens, config.kv_block_size),
-                               config.kv_block_size, tc.num_key_value_heads, tc.head_dim, model.dtype, model.device)
+                               config.kv_block_size, tc.num_key_value_heads, tc.head_dim, model.dtype, model.device,
+                               prefix_caching=config.prefix_cache)
         self.model, self.puller, self.tokenizer = model, puller, tokenizer
         self.scheduler = Scheduler(self.kv, config, model.eos_ids)
         self.runner = ModelRunner(model)
@@ -45,6 +46,7 @@ class Engine:
         self._arrived = threading.Event()  # a transfer ended: wake a step that has nothing to run
         puller.on_arrival = self._arrived.set
         self.output_tokens = 0
+        self.prefix_queried_tokens = self.prefix_hit_tokens = 0  # prompt tokens looked up / found cached
         # (name, seconds) per request, for the histograms; drained by the metrics reporter.
         self.timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
         self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
@@ -78,12 +80,15 @@ class Engine:
         seq = Sequence(params, length, session.mrope_delta, self.puller.chunk_tokens,
                        Detokenizer(self.tokenizer, params.stop), session, emit, cancelled,
                        time.perf_counter() if arrived is None else arrived)
+        if self.kv.prefix_caching:
+            seq.block_hashes = session.block_hashes
         self.timings.append(("prompt", seq.submitted - seq.arrived))
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
 
     def in_use(self) -> dict:
+        """Blocks held by requests per pool (cached prefix blocks no request holds are not in use)."""
         return {"kv_blocks": self.kv.in_use(), **self.puller.buffers.in_use()}
 
     def idle(self) -> bool:
@@ -112,6 +117,8 @@ class Engine:
         now = time.perf_counter()
         for seq in self.scheduler.admit():
             self.timings.append(("queue", now - seq.submitted))
+            self.prefix_queried_tokens += seq.prompt_len if self.kv.prefix_caching else 0
+            self.prefix_hit_tokens += seq.cached_tokens
         self._pull()
         prefills, decodes = self.scheduler.schedule()
         chunks = self._prepare(prefills)
@@ -130,7 +137,7 @@ class Engine:
             pending = False
             for seq in self.scheduler.prefilling():
                 try:
-                    seq.rows = seq.session.fetch(seq.next_chunk)
+                    seq.rows = seq.session.fetch(*seq.next_chunk_range())
                 except EpdError as e:
                     self._finish(seq, None, e)
                     continue
@@ -147,7 +154,8 @@ class Engine:
             try:
                 chunks.append(self.runner.prepare(seq, seq.rows))
             except ValueError as e:
-                self._finish(seq, None, HandleError(f"{seq.session.name}: chunk {seq.next_chunk}: {e}"))
+                start, end = seq.next_chunk_range()
+                self._finish(seq, None, HandleError(f"{seq.session.name}: tokens {start}..{end}: {e}"))
         return chunks
 
     def _run(self, chunks: list[PreparedChunk], decodes: list[Sequence]) -> None:

@@ -22,8 +22,12 @@ class LocalPrompt:
     def mrope_delta(self) -> int:
         return self.prompt.mrope_delta
 
-    def fetch(self, k: int, wait_for_blocks: bool = False) -> EncodedPrompt:
-        return self.prompt.slice(k * self.chunk_tokens, (k + 1) * self.chunk_tokens)
+    @property
+    def block_hashes(self) -> list[bytes]:
+        return self.prompt.block_hashes()
+
+    def fetch(self, start: int, end: int, wait_for_blocks: bool = False) -> EncodedPrompt:
+        return self.prompt.slice(start, end)
 
     def release_chunk(self) -> None:
         pass

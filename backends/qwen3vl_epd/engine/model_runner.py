@@ -47,7 +47,7 @@ class ModelRunner:
             deepstack.append(rows.deepstack)
             segments.append(Segment(seq.kv, rows.length))
             offset += rows.length
-            if seq.next_chunk == seq.num_chunks - 1:
+            if seq.prefilled + rows.length == seq.prompt_len:  # its last chunk: the first token
                 wanted.append((seq, offset - 1))
         if decodes:
             ids = torch.tensor([s.tokens[-1] for s in decodes], device=m.device)

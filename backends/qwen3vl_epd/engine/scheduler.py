@@ -14,10 +14,10 @@ from .sequence import Piece, Sequence, Status
 
 
 class Scheduler:
-    """FCFS admission. A sequence reserves KV for its prompt plus max_tokens when admitted, so a
-    running sequence never runs out of KV and nothing is ever preempted: preempting would mean
-    recomputing the prompt, whose multimodal rows were already released to the encoder. When KV
-    is full, new requests wait."""
+    """FCFS admission. A sequence reserves KV for its prompt plus max_tokens when admitted (less
+    the blocks of its prefix already cached), so a running sequence never runs out of KV and
+    nothing is ever preempted: preempting would mean recomputing the prompt, whose multimodal rows
+    were already released to the encoder. When KV is full, new requests wait."""
 
     def __init__(self, kv: PagedKVCache, config: Settings, eos_ids: set[int]):
         self.kv, self.eos_ids = kv, eos_ids
@@ -38,11 +38,13 @@ class Scheduler:
         """WAITING → PREFILL, first come first served, while KV and max_running allow; the admitted."""
         admitted = []
         while self.waiting and len(self.running) < self.max_running:
-            kv = self.kv.allocate_sequence(self.waiting[0].kv_reservation)
+            head = self.waiting[0]
+            kv = self.kv.allocate_sequence(head.kv_reservation, head.block_hashes, head.prompt_len)
             if kv is None:
                 break
             seq = self.waiting.popleft()
             seq.kv, seq.status = kv, Status.PREFILL
+            seq.prefilled = seq.cached_tokens = kv.length
             self.running.append(seq)
             admitted.append(seq)
         return admitted
@@ -70,9 +72,10 @@ class Scheduler:
         """After a forward: advance prompt chunks, append each sampled token, apply the finish rule;
         the pieces to send, in order."""
         for seq in prefilled:
+            seq.prefilled += seq.next_chunk_tokens()
             seq.rows = None
-            seq.next_chunk += 1
-            if seq.next_chunk == seq.num_chunks:
+            self.kv.publish(seq.kv, seq.block_hashes)  # its full prompt blocks, for later requests
+            if seq.prefilled == seq.prompt_len:
                 seq.status = Status.DECODE
             if seq.session is not None:
                 seq.session.release_chunk()

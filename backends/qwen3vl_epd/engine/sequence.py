@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..block_allocator import blocks_for
 from ..detokenizer import Detokenizer
 from ..encoder import EncodedPrompt
 from ..errors import EpdError
@@ -53,7 +52,9 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING
     kv: SequenceKV | None = None
-    next_chunk: int = 0
+    prefilled: int = 0  # prompt tokens whose KV is written (a cached prefix counts from admission)
+    block_hashes: list[bytes] = field(default_factory=list)  # the prompt's prefix hash chain
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     rows: EncodedPrompt | None = None  # the next prompt chunk, once it has arrived
     tokens: list[int] = field(default_factory=list)
     first_token_at: float | None = None
@@ -62,17 +63,16 @@ class Sequence:
         self.sampler = Sampler(self.params)
 
     @property
-    def num_chunks(self) -> int:
-        return blocks_for(self.prompt_len, self.chunk_tokens)
-
-    @property
     def kv_reservation(self) -> int:
         """KV tokens reserved at admission: the prompt plus every token it may generate."""
         return self.prompt_len + self.params.max_tokens
 
     def next_chunk_tokens(self) -> int:
-        start = self.next_chunk * self.chunk_tokens
-        return min(self.chunk_tokens, self.prompt_len - start)
+        return min(self.chunk_tokens, self.prompt_len - self.prefilled)
+
+    def next_chunk_range(self) -> tuple[int, int]:
+        """The prompt tokens [start, end) to pull and prefill next."""
+        return self.prefilled, self.prefilled + self.next_chunk_tokens()
 
     def piece(self, text: str, reason: str | None = None, error: EpdError | None = None) -> Piece:
         return Piece(text, reason, self.prompt_len, len(self.tokens), error)

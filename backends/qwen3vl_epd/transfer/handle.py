@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -11,9 +13,10 @@ import torch
 from ..block_allocator import blocks_for
 from ..buffers import AUX_WIDTH
 from ..errors import HandleError
+from ..prefix import HASH_TOKENS
 from .signing import HandleKeys
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = 0x45504400  # "EPD\0"; the low byte carries the version
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CODES = {name: i + 1 for i, name in enumerate(DTYPES)}
@@ -49,6 +52,7 @@ class Handle:
     image_spans: list[list[int]]
     addresses: dict[str, int]  # base address of each remote buffer
     expires_ms: int  # unix time after which no reader may open it (the encoder's handle_ttl_s)
+    prefix_hashes: str = ""  # base64 of the prompt's prefix hash chain (prefix.block_hashes)
     version: int = PROTOCOL_VERSION
     signature: str = ""  # HMAC-SHA256 of every other field
 
@@ -66,6 +70,11 @@ class Handle:
     @property
     def name(self) -> str:
         return f"handle(peer={self.peer}, slot={self.slot}, generation={self.generation})"
+
+    @property
+    def block_hashes(self) -> list[bytes]:
+        raw = base64.b64decode(self.prefix_hashes)
+        return [raw[i:i + 32] for i in range(0, len(raw), 32)]
 
     @classmethod
     def decode(cls, data: bytes | str, keys: HandleKeys) -> Handle:
@@ -108,6 +117,12 @@ class Handle:
             problems.append(f"{len(self.visual_blocks)} visual blocks for {self.num_visual} visual rows")
         elif sum(n for _, n in self.image_spans) != self.num_visual:
             problems.append("image spans do not add up to the visual rows")
+        try:
+            hashed = len(base64.b64decode(self.prefix_hashes, validate=True))
+        except (binascii.Error, TypeError, ValueError):
+            hashed = -1
+        if hashed % 32 or hashed // 32 > self.length // HASH_TOKENS:
+            problems.append("prefix hashes do not fit the prompt")
         if self.dtype not in DTYPES:
             problems.append(f"unknown dtype {self.dtype!r}")
         if not isinstance(self.peer, str) or self.peer.count(":") != 1:

@@ -62,9 +62,13 @@ class PullSession:
     def name(self) -> str:
         return self.handle.name
 
-    def fetch(self, k: int, wait_for_blocks: bool = False) -> EncodedPrompt | None:
-        """Chunk k (tokens [k*chunk, (k+1)*chunk) with their own visual and DeepStack rows) once it
-        has arrived, else None and its transfer is under way. Raises what the transfer raised, and
+    @property
+    def block_hashes(self) -> list[bytes]:
+        return self.handle.block_hashes
+
+    def fetch(self, start: int, end: int, wait_for_blocks: bool = False) -> EncodedPrompt | None:
+        """Tokens [start, end) with their own visual and DeepStack rows once they have arrived,
+        else None and their transfer is under way (a cached prefix is never read). Raises what the transfer raised, and
         PeerError once it is over timeout_s. The result views local blocks: valid until the next
         chunk is fetched or the session closes."""
         if self._job is not None:
@@ -76,13 +80,13 @@ class PullSession:
             if job.result() == "probe":
                 self.probed = True
             else:
-                return self._gather(k)
+                return self._gather(start, end)
         if not self.probed:
             self._probe_transport = self.puller.spare()
             self._start("probe", self._probe)
             return None
-        h, step = self.handle, self.puller.chunk_tokens
-        start, end = k * step, min((k + 1) * step, h.length)
+        h = self.handle
+        end = min(end, h.length)
         v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
         self.release_chunk()
         b = self.buffers
@@ -97,8 +101,9 @@ class PullSession:
         return None
 
     def read_chunk(self, k: int) -> EncodedPrompt:
-        """fetch(k), waited for (tests, benchmarks, Puller.pull)."""
-        while (chunk := self.fetch(k, wait_for_blocks=True)) is None:
+        """Chunk k of chunk_tokens, waited for (tests, benchmarks, Puller.pull)."""
+        step = self.puller.chunk_tokens
+        while (chunk := self.fetch(k * step, (k + 1) * step, wait_for_blocks=True)) is None:
             wait([self._job], timeout=max(0.0, self._job_deadline - time.monotonic()) + 0.01)
         return chunk
 
@@ -229,9 +234,9 @@ class PullSession:
             raise
         self.puller.stats.add(sum(lengths), len(lengths), time.perf_counter() - t0)
 
-    def _gather(self, k: int) -> EncodedPrompt:
-        h, step = self.handle, self.puller.chunk_tokens
-        start, end = k * step, min((k + 1) * step, h.length)
+    def _gather(self, start: int, end: int) -> EncodedPrompt:
+        h = self.handle
+        end = min(end, h.length)
         v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
         fill, mrope, emb, ds = self.buffers.gather(*self._held, end - start, v1 - v0)
         return EncodedPrompt(

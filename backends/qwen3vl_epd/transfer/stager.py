@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
 import threading
 import time
@@ -61,6 +62,7 @@ class Stager:
                 mrope_delta=prompt.mrope_delta, image_spans=[list(s) for s in prompt.image_spans],
                 addresses={k: t.data_ptr() for k, t in b.regions().items()},
                 expires_ms=int((time.time() + self.handle_ttl_s) * 1000),
+                prefix_hashes=base64.b64encode(b"".join(prompt.block_hashes())).decode(),
             )
             b.release[slot] = 0
             b.aux[slot] = torch.tensor(aux_row(handle), dtype=torch.int64)

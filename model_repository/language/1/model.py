@@ -19,7 +19,13 @@ COUNTERS = {
     "seconds": ("epd_transfer_seconds_total", "Seconds spent in Mooncake reads"),
     "tokens": ("epd_output_tokens_total", "Output tokens generated"),
     "retries": ("epd_encode_retries_total", "Encodes sent again because their encoder became unreachable"),
+    "prefix_queried": ("epd_prefix_cache_queried_tokens_total", "Prompt tokens of admitted requests, looked up "
+                       "in the prefix cache"),
+    "prefix_hit": ("epd_prefix_cache_hit_tokens_total", "Prompt tokens whose KV came from the prefix cache "
+                   "(neither pulled nor prefilled)"),
 }
+GAUGES = {"cached_blocks": ("epd_prefix_cache_blocks", "KV blocks held in the prefix cache (in use by requests "
+                            "or kept for reuse)")}
 # Per request, from its arrival at this model (the door; the ensemble and complete pass straight on).
 HISTOGRAMS = {
     "ttft": ("epd_time_to_first_token_seconds", "Seconds from a request's arrival at the language model to "
@@ -38,7 +44,7 @@ class TritonPythonModel:
         config = ta.model_config(args)
         self.outputs = ta.Outputs(config)
         self.metrics = ta.Metrics("language", ["slots", "token_blocks", "visual_blocks", "kv_blocks"], COUNTERS,
-                                  HISTOGRAMS)
+                                  HISTOGRAMS, GAUGES)
         # Responses go out on their own thread: a send is a blocking round trip to the server
         # process, and the engine's next forward should not wait for it. Pieces that queue up
         # meanwhile for the same request leave as one response.
@@ -128,7 +134,8 @@ class TritonPythonModel:
         self.metrics.report({
             **engine.in_use(), "bytes": stats.bytes_read, "seconds": stats.seconds,
             "tokens": engine.output_tokens,
-            "retries": self.service.encoders.retries})
+            "retries": self.service.encoders.retries, "prefix_queried": engine.prefix_queried_tokens,
+            "prefix_hit": engine.prefix_hit_tokens, "cached_blocks": engine.kv.cached_blocks()})
         self.metrics.observe(engine.timings)
 
     def finalize(self):
