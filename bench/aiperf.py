@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from tritonserver import TritonServer  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from goals import verdict  # noqa: E402
+
 AIPERF = "aiperf==0.13.0"
 VENV = ROOT / ".venv-aiperf"
 TEMPLATE = ('{"text_input": {{ text|tojson }}, "image": {{ images|tojson }}, "max_tokens": {{ max_tokens }}, '
@@ -77,6 +80,8 @@ def main() -> None:
         cells = [f"{r[k]['avg']:.1f}" + (f" ({r[k]['p99']:.1f})" if r[k].get("p99") is not None else "")
                  for k, _ in METRICS]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    failed = sum(r.get("error_request_count", {}).get("avg", 0) or 0 for r in results.values())
+    print(f"goal: aiperf_failed_requests {failed:g} (target == 0) {verdict(failed, '==', 0)}")
 
 
 if __name__ == "__main__":

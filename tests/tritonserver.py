@@ -50,7 +50,7 @@ class TritonServer:
     def __init__(self, log_path: Path, env: dict | None = None, timeout: float = 180.0, args: list[str] = (),
                  netns: str | None = None, host: str = "127.0.0.1", wait: bool = True, cpus: str | None = None,
                  supervised: bool = False):
-        self.host, self.log_path, self.timeout = host, log_path, timeout
+        self.host, self.log_path, self.timeout, self.supervised = host, log_path, timeout, supervised
         self.http, self.grpc, self.metrics, self.openai = (8000, 8001, 8002, 9000) if netns else free_ports(4)
         self.log = open(log_path, "w")
         prefix = (["ip", "netns", "exec", netns] if netns else []) + (["taskset", "-c", cpus] if cpus else [])
@@ -64,8 +64,15 @@ class TritonServer:
             self.wait_ready()
 
     def wait_ready(self) -> None:
+        """Until tritonserver is ready and, supervised, until the supervisor says `ready:` (its
+        probes passed: every model has served a request)."""
         try:
             wait_ready(self.process, self.http_url, self.timeout, self.log_path)
+            deadline = time.monotonic() + self.timeout
+            while self.supervised and not any(line.startswith("ready: ") for line in self.log_path.open()):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the supervisor never said ready; see {self.log_path}")
+                time.sleep(0.2)
         except RuntimeError:
             self.stop()
             raise

@@ -1,6 +1,7 @@
 """Hugging Face checkpoint reading and per-half weight loading.
 
-python -m qwen3vl_epd.checkpoint --tiny DIR writes the embedded tiny checkpoint (tiny_checkpoint.py)."""
+python -m qwen3vl_epd.checkpoint --tiny DIR [--dense] writes the embedded tiny checkpoint
+(tiny_checkpoint.py; --dense: the dense Qwen3-VL architecture instead of the MoE one)."""
 
 from __future__ import annotations
 
@@ -88,10 +89,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", metavar="DIR", required=True, help="write the tiny checkpoint here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dense", action="store_true", help="the dense Qwen3-VL architecture (default: MoE)")
     args = parser.parse_args()
     from .tiny_checkpoint import build_tiny
 
-    print(build_tiny(args.tiny, seed=args.seed))
+    print(build_tiny(args.tiny, seed=args.seed, dense=args.dense))
 
 
 if __name__ == "__main__":

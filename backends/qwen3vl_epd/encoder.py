@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
+from .architecture import architecture
 from .checkpoint import VISION_PREFIX, CheckpointReader, load_config, materialize
 from .encoder_cache import CachedImage, EncoderCache
 from .prefix import block_hashes
@@ -106,7 +106,7 @@ class VisionEncoder:
         self.hidden_size = vc.out_hidden_size
         self.num_deepstack = len(vc.deepstack_visual_indexes)
         with torch.device("meta"):
-            visual = Qwen3VLMoeVisionModel._from_config(vc, dtype=dtype)
+            visual = architecture(self.config, checkpoint_dir).vision_model._from_config(vc, dtype=dtype)
         state = CheckpointReader(checkpoint_dir).load((VISION_PREFIX,), strip=VISION_PREFIX, dtype=dtype)
         self.visual = materialize(visual, state, self.device).eval()
         self.merge_unit = vc.spatial_merge_size**2

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig
-from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextModel, apply_rotary_pos_emb
 
+from .architecture import architecture
 from .checkpoint import LM_HEAD_PREFIX, TEXT_PREFIX, CheckpointReader, load_config, materialize
 from .encoder import EncodedPrompt
 from .sampling import Sampler, SamplingParams, finish_reason
@@ -85,10 +85,12 @@ def eos_token_ids(checkpoint_dir: str, config) -> set[int]:
 
 
 class LanguageModel:
-    """Loads only `model.language_model.*` and `lm_head.*`; forwards flat variable-length batches."""
+    """Loads only `model.language_model.*` and `lm_head.*` (dense or MoE decoder, from the config);
+    forwards flat variable-length batches."""
 
     def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.config = load_config(checkpoint_dir)
+        self.architecture = architecture(self.config, checkpoint_dir)
         tc = self.config.text_config
         self.dtype, self.device = dtype, torch.device(device)
         self.hidden_size = tc.hidden_size
@@ -97,11 +99,11 @@ class LanguageModel:
         self.eos_ids = eos_token_ids(checkpoint_dir, self.config)
         reader = CheckpointReader(checkpoint_dir)
         with torch.device("meta"):
-            text = Qwen3VLMoeTextModel._from_config(tc, dtype=dtype)
+            text = self.architecture.text_model._from_config(tc, dtype=dtype)
             lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False, dtype=dtype)
         self.model = materialize(text, reader.load((TEXT_PREFIX,), strip=TEXT_PREFIX, dtype=dtype), self.device).eval()
         head = reader.load((LM_HEAD_PREFIX,), strip=LM_HEAD_PREFIX, dtype=dtype)
-        if not head and tc.tie_word_embeddings:
+        if not head and (tc.tie_word_embeddings or getattr(self.config, "tie_word_embeddings", False)):
             head = {"weight": self.model.embed_tokens.weight}
         self.lm_head = materialize(lm_head, head, self.device).eval()
 
@@ -144,7 +146,7 @@ class LanguageModel:
         q = attn.q_norm(attn.q_proj(h).view(n, -1, hd)).transpose(0, 1)[None]
         k = attn.k_norm(attn.k_proj(h).view(n, -1, hd)).transpose(0, 1)[None]
         v = attn.v_proj(h).view(n, -1, hd).transpose(0, 1)[None]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.architecture.apply_rotary_pos_emb(q, k, cos, sin)
         out, start = [], 0
         for seg in segments:
             end = start + seg.num_tokens

@@ -18,8 +18,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers import AutoTokenizer
 from transformers.image_transforms import convert_to_rgb
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeModel
 
+from .architecture import architecture
 from .checkpoint import load_config
 from .encoder_cache import CachedImage, EncoderCache
 from .errors import (
@@ -119,6 +119,7 @@ class Processor:
     def __init__(self, checkpoint_dir: str | Path, limits: Limits | None = None):
         self.limits = limits or Limits()
         self.config = load_config(checkpoint_dir)
+        self.architecture = architecture(self.config, checkpoint_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), local_files_only=True)
         pp = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
         pp.pop("image_processor_type", None)
@@ -131,7 +132,7 @@ class Processor:
         # this lets us call transformers' own M-RoPE code without building the model.
         self._rope_owner = SimpleNamespace(
             config=self.config,
-            get_vision_position_ids=lambda *a, **k: Qwen3VLMoeModel.get_vision_position_ids(None, *a, **k),
+            get_vision_position_ids=lambda *a, **k: self.architecture.model.get_vision_position_ids(None, *a, **k),
         )
 
     def build_prompt(self, text: str, num_images: int, raw_prompt: bool = False) -> str:
@@ -225,7 +226,7 @@ class Processor:
             return torch.arange(L, dtype=torch.int64).expand(3, L).clone(), 0
         ids = fill_ids[None]
         mm_types = (ids == self.image_token_id).to(torch.int32)
-        pos, delta = Qwen3VLMoeModel.get_rope_index(self._rope_owner, ids, mm_types, image_grid_thw=grid_thw)
+        pos, delta = self.architecture.model.get_rope_index(self._rope_owner, ids, mm_types, image_grid_thw=grid_thw)
         return pos[:, 0].to(torch.int64), int(delta.item())
 
     def _patch_dim(self) -> int:

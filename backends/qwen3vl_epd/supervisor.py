@@ -136,12 +136,15 @@ class Supervisor:
         threading.Thread(target=self._relay, args=(self.process.stdout,), daemon=True).start()
         self.served = False
         deadline = time.monotonic() + self.startup_timeout_s
-        while not self.stopping and self.probe.failure() is not None:
+        while not self.stopping and (why := self.probe.failure()) is not None:
             if self.process.poll() is not None:
                 return f"it exited with {self.process.returncode} while starting"
             if time.monotonic() > deadline:
                 self._kill()
                 return f"not serving {self.startup_timeout_s:g} s after start"
+            if "is not healthy" in why:  # a model process died before the first probe passed
+                self._kill()
+                return f"a model process died while starting ({why})"
             self._sleep(0.5)
         self.served = not self.stopping
         if self.served:

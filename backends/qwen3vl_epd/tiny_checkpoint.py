@@ -51,8 +51,21 @@ PREPROCESSOR_CONFIG = {
 }
 
 
-def tiny_config_dict() -> dict:
-    """Config of the embedded default: the real Qwen3-VL-MoE architecture and token ids, tiny sizes."""
+def tiny_config_dict(dense: bool = False) -> dict:
+    """Config of the embedded default: the real Qwen3-VL-MoE architecture and token ids, tiny sizes;
+    `dense`: the dense Qwen3-VL architecture at the same sizes."""
+    config = _tiny_moe_config()
+    if dense:
+        config.update(architectures=["Qwen3VLForConditionalGeneration"], model_type="qwen3_vl")
+        for key in ("moe_intermediate_size", "num_experts", "num_experts_per_tok", "decoder_sparse_step",
+                    "mlp_only_layers"):
+            del config["text_config"][key]
+        config["text_config"]["model_type"] = "qwen3_vl_text"
+        config["vision_config"]["model_type"] = "qwen3_vl_vision"
+    return config
+
+
+def _tiny_moe_config() -> dict:
     return {
         "architectures": ["Qwen3VLMoeForConditionalGeneration"],
         "model_type": "qwen3_vl_moe",
@@ -133,21 +146,27 @@ def write_tokenizer(out: Path) -> None:
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
-def build_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the deterministic tiny random-weight checkpoint (same seed, same bytes)."""
-    from transformers import GenerationConfig, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+def build_tiny(out_dir: str | os.PathLike, seed: int = 0, dense: bool = False, overrides: dict | None = None,
+               max_shard_size: str | None = None) -> Path:
+    """Write a deterministic tiny random-weight checkpoint (same arguments, same bytes) with
+    transformers' own from_config and save_pretrained. `overrides`: config keys to change, with
+    "text_config" / "vision_config" merged into their sections; `max_shard_size`: sharded."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(seed)
-    config = Qwen3VLMoeConfig(**tiny_config_dict())
-    model = Qwen3VLMoeForConditionalGeneration(config).to(torch.float32).eval()
+    values = tiny_config_dict(dense)
+    for key, value in (overrides or {}).items():
+        values[key] = {**values[key], **value} if key.endswith("_config") else value
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    model = AutoModelForImageTextToText.from_config(config).to(torch.float32).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False
     )
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     write_tokenizer(tmp)
     (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
