@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from fixtures import noise_jpeg  # noqa: E402
-from tritonserver import TritonServer  # noqa: E402
+from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 from client import generate  # noqa: E402
 from goals import verdict  # noqa: E402
@@ -86,8 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     logs = Path(tempfile.mkdtemp(prefix="epd-multiturn-"))
     servers = {"on": TritonServer(logs / "on.log", wait=False),
-               "off": TritonServer(logs / "off.log", {"EPD_ENCODER_CACHE_MB": "0", "EPD_PREFIX_CACHE": "false"},
-                                   wait=False)}
+               "off": TritonServer(logs / "off.log", NO_CACHES, wait=False)}
     results: dict[str, list[dict]] = {"on": [], "off": []}
     try:
         for s in servers.values():

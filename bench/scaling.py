@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from fixtures import noise_jpeg  # noqa: E402
-from tritonserver import TritonServer  # noqa: E402
+from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 from client import generate, text_of  # noqa: E402
 from goals import verdict  # noqa: E402
@@ -55,7 +55,8 @@ def main() -> None:
     cores = sorted(os.sched_getaffinity(0))
     logs = Path(tempfile.mkdtemp(prefix="epd-scaling-"))
     # Multi-host roles on one host: loopback addresses, one shared key.
-    env = {"EPD_HANDLE_KEY": new_key(), "EPD_MOONCAKE_HOST": "127.0.0.1"}
+    # The uncached path is measured: repeated images would otherwise skip the encoder and the pull.
+    env = {"EPD_HANDLE_KEY": new_key(), "EPD_MOONCAKE_HOST": "127.0.0.1", **NO_CACHES}
     encoders = [TritonServer(logs / f"enc{i}.log", env, args=["--role", "encoder"], wait=False,
                              cpus=str(cores[i % len(cores)])) for i in range(2)]
     for e in encoders:
@@ -63,7 +64,7 @@ def main() -> None:
     pools = {n: "ipv4:" + ",".join(e.grpc_url for e in encoders[:n]) for n in (1, 2)}
     language = {n: TritonServer(logs / f"lang{n}.log", env, args=["--role", "language", "--encoders", pools[n]],
                                 wait=False) for n in (1, 2)}
-    single = TritonServer(logs / "single.log", wait=False)
+    single = TritonServer(logs / "single.log", NO_CACHES, wait=False)
     servers = [*encoders, *language.values(), single]
     try:
         for s in servers:

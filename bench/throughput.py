@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from tritonserver import TritonServer  # noqa: E402
+from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 from client import load  # noqa: E402
 from goals import verdict  # noqa: E402
@@ -95,7 +95,7 @@ def main() -> None:
         build_tiny(DEFAULT_CHECKPOINT)
     reqs = requests(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
-        server = TritonServer(Path(tmp) / "server.log")
+        server = TritonServer(Path(tmp) / "server.log", NO_CACHES)  # the requests repeat: measure the uncached path
         try:
             load.run(server.grpc_url, reqs[:4], 2, 4)  # warm-up
             runs = {c: load.run(server.grpc_url, reqs, c, args.max_tokens) for c in (1, 4, 16)}

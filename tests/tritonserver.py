@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_CACHES = {"EPD_ENCODER_CACHE_MB": "0", "EPD_PREFIX_CACHE": "false"}  # the environment of a server without them
 
 
 def free_ports(n: int) -> list[int]:

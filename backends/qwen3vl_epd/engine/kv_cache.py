@@ -90,8 +90,9 @@ class PagedKVCache:
         kv.published = max(kv.published, full * self.block_size)
 
     def release(self, blocks: list[int]) -> None:
-        """A sequence is done with its blocks: cached ones stay findable, the rest are freed."""
-        for b in blocks:
+        """A sequence is done with its blocks: cached ones stay findable, the rest are freed. Last
+        block first: a chain's tail is evicted before its head, which keeps the head findable."""
+        for b in reversed(blocks):
             self.refs[b] -= 1
             if self.refs[b]:
                 continue
