@@ -34,7 +34,9 @@ def prompt(case):
 class Cluster:
     def __init__(self, hosts: Hosts, logs, checkpoint):
         self.hosts, self.logs, self.starts = hosts, logs, 0
-        self.env = {"EPD_CHECKPOINT": checkpoint, "EPD_HANDLE_KEY": KEY, "EPD_ENCODER_WAIT_S": str(WAIT_S)}
+        # No encoder cache: the failover tests need encoders busy with each image they are sent.
+        self.env = {"EPD_CHECKPOINT": checkpoint, "EPD_HANDLE_KEY": KEY, "EPD_ENCODER_WAIT_S": str(WAIT_S),
+                    "EPD_ENCODER_CACHE_MB": "0"}
         self.pool = f"ipv4:{hosts.address['enc1']}:8001,{hosts.address['enc2']}:8001"
         self.encoders = {name: self.server(name, ["--role", "encoder"]) for name in ("enc1", "enc2")}
         self.language = self.server("lang", ["--role", "language", "--encoders", self.pool])
