@@ -10,6 +10,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = Path(os.environ.get("EPD_TEST_IMAGES", ROOT.parent / "shared" / "testdata" / "images"))
 TOL = 1e-4  # fp32 max abs logit difference against transformers
+ENGINE_CHUNK = 64  # prompt tokens per pulled chunk in the engine tests (long prompts span several)
 IMAGE_TOKEN_ID = 151655
 
 # Every prompt the tests send: name → (user message, image files). A test picks names from here.

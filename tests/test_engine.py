@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-from fixtures import Collector, prompt_inputs
-from peers import TEST_KEY, EncoderPeer, SilentPeer, resign
+from fixtures import ENGINE_CHUNK, Collector, prompt_inputs
+from peers import TEST_KEY, SilentPeer, resign
 from reference import reference_greedy
 
 from qwen3vl_epd.block_allocator import blocks_for
@@ -19,28 +19,11 @@ from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller
 
 pytestmark = pytest.mark.mooncake
 
-CHUNK = 64
+CHUNK = ENGINE_CHUNK
 MAX_TOKENS = {  # the prompts these tests send, and their max_tokens
     "hi": 12, "dragon": 20, "small_image": 16, "two_marked": 10, "cmyk_mid_text": 14,
     "landscape_in_detail": 12,  # over 3 chunks of CHUNK tokens
 }
-
-
-@pytest.fixture(scope="module")
-def peer(checkpoint):
-    p = EncoderPeer(hidden=64, deepstack=3, checkpoint=checkpoint,
-                    buffer_config=dict(num_token_blocks=2048, num_visual_blocks=1024, num_slots=128))
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
-def puller():
-    cfg = BufferConfig(block_tokens=16, block_visual=16, num_token_blocks=64, num_visual_blocks=64, num_slots=256)
-    p = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), HandleKeys(TEST_KEY),
-               chunk_tokens=CHUNK)
-    yield p
-    p.close()
 
 
 @pytest.fixture(scope="module")

@@ -3,40 +3,20 @@ pulled nor prefilled) and still equals transformers token for token; images are 
 
 import pytest
 import torch
-from fixtures import TOL, Collector, image_bytes, noise_jpeg
-from peers import TEST_KEY, EncoderPeer
+from fixtures import ENGINE_CHUNK, TOL, Collector, image_bytes, noise_jpeg
 from reference import reference_greedy, reference_logits
 
-from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.engine.engine import Engine
 from qwen3vl_epd.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.engine.model_runner import ModelRunner
 from qwen3vl_epd.sampling import SamplingParams
 from qwen3vl_epd.settings import Settings
-from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller
 
 pytestmark = pytest.mark.mooncake
 
-CHUNK, MAX_TOKENS = 64, 10
+CHUNK, MAX_TOKENS = ENGINE_CHUNK, 10
 X, Y = image_bytes("landscape_640x480.jpg"), image_bytes("small_64x64.webp")
 N1, N2 = noise_jpeg(256, seed=1), noise_jpeg(256, seed=2)  # two different images of one size
-
-
-@pytest.fixture(scope="module")
-def peer(checkpoint):
-    p = EncoderPeer(hidden=64, deepstack=3, checkpoint=checkpoint,
-                    buffer_config=dict(num_token_blocks=2048, num_visual_blocks=1024, num_slots=128))
-    yield p
-    p.close()
-
-
-@pytest.fixture(scope="module")
-def puller():
-    cfg = BufferConfig(block_tokens=16, block_visual=16, num_token_blocks=64, num_visual_blocks=64, num_slots=256)
-    p = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), HandleKeys(TEST_KEY),
-               chunk_tokens=CHUNK)
-    yield p
-    p.close()
 
 
 def engine_for(language, puller, processor, **kw):
