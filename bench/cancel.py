@@ -13,17 +13,17 @@ import http.client
 import json
 import queue
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from tritonserver import TritonServer, free_ports  # noqa: E402
+from tritonserver import TritonServer, start_openai_door  # noqa: E402
 
 import tritonclient.grpc as grpcclient  # noqa: E402
 from client import grpc_inputs  # noqa: E402
@@ -84,17 +84,10 @@ def settle(produced) -> None:
 
 def openai_storm(server: TritonServer, streams: int, max_tokens: int) -> float:
     """Mean tokens generated per stream after its HTTP connection to the OpenAI door closed."""
-    port = free_ports(1)[0]
-    door = subprocess.Popen([sys.executable, "-m", "qwen3vl_epd.openai_api", "--host", "127.0.0.1", "--port",
-                             str(port), "--triton", server.grpc_url], cwd=ROOT)
+    door, base = start_openai_door(server.grpc_url)
+    port = urllib.parse.urlsplit(base).port
     produced = lambda: server.metric_values("epd_output_tokens_total")[""]  # noqa: E731
     try:
-        while True:
-            try:
-                http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/health")
-                break
-            except OSError:
-                time.sleep(0.2)
         barrier = threading.Barrier(streams + 1)
         conns = []
 

@@ -10,7 +10,6 @@ Run: .venv/bin/python bench/multiturn.py [--conversations 16] [--concurrency 4] 
 """
 
 import argparse
-import base64
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from fixtures import noise_jpeg  # noqa: E402
 from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
-from client import generate  # noqa: E402
+from client import data_url, generate  # noqa: E402
 from goals import verdict  # noqa: E402
 
 QUESTIONS = ["Describe this image.", "What colors stand out?", "Is there any text in it?", "Summarize in one line."]
@@ -33,7 +32,7 @@ MAX_TOKENS = 16
 
 def conversation(server: TritonServer, image: bytes) -> tuple[list[float], int]:
     """Four turns; (time to first token of each turn, output tokens)."""
-    url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+    url = data_url(image)
     messages, ttfts, tokens = [], [], 0
     for turn, question in enumerate(QUESTIONS):
         content = [{"type": "image_url", "image_url": {"url": url}}] if turn == 0 else []

@@ -72,6 +72,16 @@ def generate(url: str, prompt: str | None, images: list[bytes] = (), protocol: s
         raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
 
 
+def response_of(result) -> Response:
+    """A tritonclient gRPC InferResult of the language model (sync or asyncio client alike)."""
+    return Response(
+        text=result.as_numpy("text_output").reshape(-1)[0].decode(),
+        finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
+        num_input_tokens=int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
+        num_output_tokens=int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
+    )
+
+
 def text_of(responses: Iterator[Response]) -> tuple[str, Response]:
     """Concatenated text and the last response."""
     parts, last = [], None
@@ -145,12 +155,7 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
                 raise _stream_error(model, error)
             if result.as_numpy("text_output") is None:
                 raise RequestError(None, "the server ended the request without output")
-            r = Response(
-                text=result.as_numpy("text_output").reshape(-1)[0].decode(),
-                finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
-                num_input_tokens=int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
-                num_output_tokens=int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
-            )
+            r = response_of(result)
             yield r
             if r.finish_reason:
                 return

@@ -13,7 +13,7 @@ from fixtures import image_bytes
 from tritonserver import TritonServer
 
 from client import RequestError, generate, text_of
-from qwen3vl_epd.supervisor import children
+from qwen3vl_epd.supervisor import children, is_stub
 
 pytestmark = pytest.mark.chaos
 
@@ -26,14 +26,7 @@ SEEN_STUBS: dict[int, str] = {}  # every model process of the module's server, a
 
 def alive(stubs: dict[int, str]) -> list[int]:
     """Those of `stubs` still running (the same process: its shared-memory region in its command)."""
-    out = []
-    for pid, region in stubs.items():
-        try:
-            if region.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                out.append(pid)
-        except OSError:
-            pass
-    return out
+    return [pid for pid, region in stubs.items() if is_stub(pid, region)]
 
 
 @pytest.fixture(scope="module")

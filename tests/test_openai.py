@@ -6,8 +6,6 @@ import http.client
 import http.server
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -15,11 +13,11 @@ import urllib.request
 
 import openai
 import pytest
-from fixtures import ROOT, image_bytes
+from fixtures import image_bytes
 from reference import reference_greedy
-from tritonserver import TritonServer, free_ports
+from tritonserver import TritonServer, start_openai_door, wait_http_ok
 
-from client import generate, text_of
+from client import data_url, generate, text_of
 
 pytestmark = pytest.mark.triton
 
@@ -27,12 +25,8 @@ MAX_TOKENS = 12
 PORTRAIT, SMALL = "portrait_300x500.png", "small_64x64.webp"
 
 
-def data_url(name: str) -> str:
-    return "data:image/png;base64," + base64.b64encode(image_bytes(name)).decode()
-
-
 def image_part(name: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": data_url(name)}}
+    return {"type": "image_url", "image_url": {"url": data_url(image_bytes(name))}}
 
 
 # Conversations: text only, one image, and several turns with an image in two of them.
@@ -52,14 +46,7 @@ CONVERSATIONS = {
 def server(tmp_path_factory, checkpoint):
     s = TritonServer(tmp_path_factory.mktemp("openai") / "server.log", env={"EPD_CHECKPOINT": checkpoint},
                      supervised=True)
-    deadline = time.monotonic() + 60
-    while True:  # the door serves once tritonserver is ready
-        try:
-            urllib.request.urlopen(s.openai_url.removesuffix("/v1") + "/health", timeout=2)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the OpenAI door never became healthy"
-            time.sleep(0.5)
+    wait_http_ok(s.openai_url.removesuffix("/v1") + "/health", 60, "the OpenAI door of scripts/serve")
     yield s
     s.stop()
 
@@ -175,20 +162,9 @@ def test_remote_images_when_enabled_and_api_key(server, expected, tmp_path):
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=images.serve_forever, daemon=True).start()
-    port = free_ports(1)[0]
-    door = subprocess.Popen([sys.executable, "-m", "qwen3vl_epd.openai_api", "--host", "127.0.0.1", "--port", str(port),
-                             "--triton", server.grpc_url, "--served-model-name", "tiny", "--allow-remote-images",
-                             "--api-key", "sesame"], cwd=ROOT)
+    door, base = start_openai_door(server.grpc_url, "--served-model-name", "tiny", "--allow-remote-images",
+                                   "--api-key", "sesame")
     try:
-        base = f"http://127.0.0.1:{port}/v1"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
         url = f"http://127.0.0.1:{images.server_port}/{SMALL}"
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                  {"type": "text", "text": "Describe this image."}]}]

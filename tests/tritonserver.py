@@ -42,6 +42,34 @@ def wait_ready(process: subprocess.Popen, http_url: str, timeout: float, log_pat
     raise RuntimeError(f"tritonserver not ready after {timeout} s; see {log_path}")
 
 
+def wait_http_ok(url: str, timeout: float, what: str) -> None:
+    """Until GET url answers 200; RuntimeError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout:g} s")
+        time.sleep(0.2)
+
+
+def start_openai_door(grpc_url: str, *args: str, timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
+    """The OpenAI door started by hand in front of a server's gRPC port, once healthy: (process, base URL)."""
+    port = free_ports(1)[0]
+    door = subprocess.Popen([sys.executable, "-m", "qwen3vl_epd.openai_api", "--host", "127.0.0.1", "--port",
+                             str(port), "--triton", grpc_url, *args], cwd=ROOT)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout, "the OpenAI door")
+    except RuntimeError:
+        door.kill()
+        raise
+    return door, f"http://127.0.0.1:{port}/v1"
+
+
 class TritonServer:
     """`netns`: run inside that network namespace, on its address `host` and the default ports.
     `cpus`: pinned to these cores (taskset list). `wait=False`: return at once; call wait_ready().

@@ -82,7 +82,11 @@ def image_data(data: bytes, index: int, limits: Limits) -> bytes:
 def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
     """Raw JPEG/PNG/WebP bytes (or a base64 data URL, for JSON clients) → RGB image, enforcing
     byte and pixel limits before decoding."""
-    data = image_data(data, index, limits)
+    return _decode(image_data(data, index, limits), index, limits)
+
+
+def _decode(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Raw image bytes already within the byte limit (image_data) → RGB image."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -181,7 +185,7 @@ class Processor:
         data = [image_data(d, i, self.limits) for i, d in enumerate(images)]
         keys = [self.image_key(d) for d in data]
         found = [cache.get(k) if cache is not None else None for k in keys]
-        decoded = [c or decode_image(d, i, self.limits) for i, (d, c) in enumerate(zip(data, found))]
+        decoded = [c or _decode(d, i, self.limits) for i, (d, c) in enumerate(zip(data, found))]
         return self.process_prompt(prompt, decoded, keys)
 
     def process_prompt(self, prompt: str, images: list, keys: list[bytes] = ()) -> ProcessedPrompt:

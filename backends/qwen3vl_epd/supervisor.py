@@ -208,11 +208,11 @@ class Supervisor:
         """SIGKILL tritonserver and its model processes, and remove their shared-memory regions."""
         stubs = children(self.process.pid) if stubs is None else stubs
         for pid, region in stubs.items():
-            try:
-                if region.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():  # still that stub, not a reused pid
+            if is_stub(pid, region):  # still that stub, not a reused pid
+                try:
                     os.kill(pid, signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
+                except ProcessLookupError:
+                    pass
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
@@ -233,6 +233,14 @@ class Supervisor:
 
     def _say(self, message: str) -> None:
         print(f"supervisor: {message}", file=self.log, flush=True)
+
+
+def is_stub(pid: int, region: str) -> bool:
+    """Whether process `pid` is still the model process that uses shared-memory region `region`."""
+    try:
+        return region.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def children(pid: int) -> dict[int, str]:

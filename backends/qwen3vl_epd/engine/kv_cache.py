@@ -52,8 +52,9 @@ class PagedKVCache:
         shared; None when short (nothing taken then). At least the last prompt token is left to
         compute: its logits give the first output token."""
         bs = self.block_size
+        reusable = kv_block_hashes(list(hashes), bs)[: max(prompt_tokens - 1, 0) // bs] if self.prefix_caching else []
         cached = []
-        for h in kv_block_hashes(list(hashes), bs)[: max(prompt_tokens - 1, 0) // bs] if self.prefix_caching else []:
+        for h in reusable:
             if (b := self.by_hash.get(h)) is None:
                 break
             cached.append(b)

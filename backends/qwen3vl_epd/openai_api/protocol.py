@@ -89,8 +89,10 @@ def chat_request(body, served_model: str) -> ChatRequest:
             raise invalid("stop: a string or a list of strings", "stop")
         sampling["stop"] = stop
     for name, value in sampling.items():
-        if name != "stop" and (isinstance(value, bool) != (name == "ignore_eos") or not isinstance(value, (int, float))):
-            raise invalid(f"{name}: {value!r} is not a {'boolean' if name == 'ignore_eos' else 'number'}", name)
+        if name == "ignore_eos" and not isinstance(value, bool):
+            raise invalid(f"{name}: {value!r} is not a boolean", name)
+        if name not in ("ignore_eos", "stop") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise invalid(f"{name}: {value!r} is not a number", name)
     options = body.get("stream_options") or {}
     return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote)
 

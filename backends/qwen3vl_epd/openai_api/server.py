@@ -13,21 +13,10 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from client import grpc_inputs
+from client import Response, grpc_inputs, response_of
 
-from ..triton_io import OUTPUTS
 from . import protocol as api
 from .protocol import OpenAIError
-
-
-@dataclass
-class Output:
-    """One response of the language model."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass
@@ -99,13 +88,13 @@ class ChatServer:
             first = await anext(outputs)  # errors of the request itself still get their HTTP status
             if not chat.stream:
                 return web.json_response(api.completion(
-                    cid, self.config.served_model, first.text, first.finish_reason, first.prompt_tokens,
-                    first.completion_tokens))
+                    cid, self.config.served_model, first.text, first.finish_reason, first.num_input_tokens,
+                    first.num_output_tokens))
             return await self._stream(request, chat, cid, first, outputs)
         finally:
             await outputs.aclose()
 
-    async def _stream(self, request, chat, cid, first: Output, outputs) -> web.StreamResponse:
+    async def _stream(self, request, chat, cid, first: Response, outputs) -> web.StreamResponse:
         """Server-sent events: a role chunk, content chunks, the finish chunk, usage if asked, [DONE]."""
         model = self.config.served_model
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -123,8 +112,8 @@ class ChatServer:
                 if out.finish_reason:
                     await send(api.chunk(cid, model, {}, out.finish_reason))
                     if chat.include_usage:
-                        await send(api.chunk(cid, model, None, usage_=api.usage(out.prompt_tokens,
-                                                                                out.completion_tokens)))
+                        await send(api.chunk(cid, model, None, usage_=api.usage(out.num_input_tokens,
+                                                                                out.num_output_tokens)))
                     break
                 out = await anext(outputs)
         except OpenAIError as e:  # after the headers went out, an error travels as an event
@@ -148,8 +137,7 @@ class ChatServer:
             async for result, error in call:
                 if error is not None:
                     raise OpenAIError.from_model(error.message())
-                text, reason, n_in, n_out = (result.as_numpy(name).reshape(-1)[0] for name in OUTPUTS)
-                out = Output(text.decode(), reason.decode(), int(n_in), int(n_out))
+                out = response_of(result)
                 yield out
                 if out.finish_reason:
                     return
