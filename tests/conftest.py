@@ -19,12 +19,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Skipped namespace tests are said out loud: they are the only proof of the multi-host roles."""
+    """Tests skipped for want of root (network namespaces, the cgroup freezer) are said out loud:
+    they are the only proof of the multi-host roles and of recovery from hangs."""
+    said = set()
     for report in terminalreporter.stats.get("skipped", []):
         reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
-        if "NETWORK NAMESPACE TESTS SKIPPED" in reason:
-            terminalreporter.write_sep("!", reason.removeprefix("Skipped: "), red=True, bold=True)
-            return
+        reason = reason.removeprefix("Skipped: ")
+        if " TESTS SKIPPED: " in reason and reason not in said:
+            said.add(reason)
+            terminalreporter.write_sep("!", reason, red=True, bold=True)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,20 +14,21 @@ from fixtures import image_bytes
 from tritonserver import TritonServer
 
 from client import RequestError, generate, text_of
-from qwen3vl_epd.supervisor import children, is_stub
+from qwen3vl_epd.supervisor import Stub, children, is_stub
 
 pytestmark = pytest.mark.chaos
 
-ENDED_WITHIN_S = 15  # every in-flight request has its answer this long after the fault
-BACK_WITHIN_S = 60  # the issue asks 30 s; model loading alone takes 15-25 s on this 2-core machine
+ENDED_WITHIN_S = 10  # every in-flight request has its answer this long after the fault
+BACK_WITHIN_S = 30  # and the service is back within this
+NOT_READY_WITHIN_S = 1.0  # a dead or stopped model process: /v2/health/ready stops answering 200 within this
 
 
-SEEN_STUBS: dict[int, str] = {}  # every model process of the module's server, across its restarts
+SEEN_STUBS: dict[int, Stub] = {}  # every model process of the module's server, across its restarts
 
 
 def alive(stubs: dict[int, str]) -> list[int]:
     """Those of `stubs` still running (the same process: its shared-memory region in its command)."""
-    return [pid for pid, region in stubs.items() if is_stub(pid, region)]
+    return [pid for pid, stub in stubs.items() if is_stub(pid, stub)]
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +107,19 @@ def back(server, since: float) -> float:
     raise AssertionError("the service did not come back")
 
 
+def not_ready_after(server, since: float, bound: float = ENDED_WITHIN_S + 5) -> float:
+    """Seconds from `since` until /v2/health/ready stops answering 200 (refused, or another status)."""
+    while time.monotonic() - since < bound:
+        try:
+            with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=0.5) as r:
+                if r.status != 200:
+                    break
+        except OSError:
+            break
+        time.sleep(0.02)
+    return time.monotonic() - since
+
+
 def pools_empty(server, timeout=10.0):
     time.sleep(0.2)  # gauges are reported every 0.1 s: none is read stale
     deadline = time.monotonic() + timeout
@@ -113,29 +128,78 @@ def pools_empty(server, timeout=10.0):
         time.sleep(0.1)
 
 
+def freezer_root() -> Path | None:
+    """A cgroup freezer hierarchy this process may write (v1 `freezer`, else v2), or None."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, where, kind, options = line.split()[:4]
+        if (kind == "cgroup" and "freezer" in options.split(",") or kind == "cgroup2") and os.access(where, os.W_OK):
+            return Path(where)
+    return None
+
+
+FREEZER = freezer_root()
+FROZEN = FREEZER / f"epd-chaos-{os.getpid()}" if FREEZER else None
+NO_FREEZER = "HANG CHAOS TESTS SKIPPED: no writable cgroup freezer (needs root); hangs only probes see were not injected"
+
+
+def freeze(pid: int) -> None:
+    """A hang that the process state does not show: frozen by the cgroup freezer (state D, like a
+    wedged driver call; not even SIGKILL ends it until thawed). Only the probes can see it."""
+    FROZEN.mkdir(exist_ok=True)
+    v1 = (FROZEN / "freezer.state").exists()
+    (FROZEN / ("tasks" if v1 else "cgroup.procs")).write_text(str(pid))
+    (FROZEN / ("freezer.state" if v1 else "cgroup.freeze")).write_text("FROZEN" if v1 else "1")
+
+
+def thaw() -> None:
+    """Thaw and remove the test's cgroup (the supervisor's SIGKILL then ends the frozen process)."""
+    if FROZEN is None or not FROZEN.exists():
+        return
+    v1 = (FROZEN / "freezer.state").exists()
+    (FROZEN / ("freezer.state" if v1 else "cgroup.freeze")).write_text("THAWED" if v1 else "0")
+    deadline = time.monotonic() + 10
+    while (FROZEN / ("tasks" if v1 else "cgroup.procs")).read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    FROZEN.rmdir()
+
+
+def hang(model: str):
+    return lambda server: freeze(stub_of(server, model))
+
+
 FAULTS = {
     "kill language stub": lambda s: os.kill(stub_of(s, "language"), signal.SIGKILL),
     "kill encoder stub": lambda s: os.kill(stub_of(s, "encoder"), signal.SIGKILL),
     "stop language stub": lambda s: os.kill(stub_of(s, "language"), signal.SIGSTOP),
     "stop encoder stub": lambda s: os.kill(stub_of(s, "encoder"), signal.SIGSTOP),
+    "freeze language stub": hang("language"),
+    "freeze encoder stub": hang("encoder"),
     "kill tritonserver": lambda s: os.kill(tritonserver_pid(s), signal.SIGKILL),
 }
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_under_8_streams(server, fault):
+    hung = fault.startswith("freeze")  # seen by the probes only: within interval + 2 probe timeouts
+    if hung and FREEZER is None:
+        pytest.skip(NO_FREEZER)
     streams = Streams(server)
     t0 = time.monotonic()
-    FAULTS[fault](server)
-    outcomes, ended = streams.join(ENDED_WITHIN_S + 5)
+    try:
+        FAULTS[fault](server)
+        not_ready = not_ready_after(server, t0)
+        outcomes, ended = streams.join(ENDED_WITHIN_S + 5)
+    finally:
+        thaw()
     assert len(outcomes) == 8, f"{8 - len(outcomes)} requests still hang after the fault"
     last_end = max(ended.values()) - t0
     assert last_end <= ENDED_WITHIN_S
     assert set(outcomes.values()) == {"UNAVAILABLE"}, streams.messages
     assert all("language" in m for m in streams.messages.values()), streams.messages  # names the model
     back_after = back(server, t0)
-    print(f"{fault}: 8 in-flight requests ended within {last_end:.1f} s ({sorted(set(outcomes.values()))}); "
-          f"served again after {back_after:.1f} s")
+    print(f"{fault}: not ready after {not_ready:.2f} s; 8 in-flight requests ended within {last_end:.1f} s "
+          f"({sorted(set(outcomes.values()))}); served again after {back_after:.1f} s")
+    assert not_ready <= (ENDED_WITHIN_S if hung else NOT_READY_WITHIN_S)
     assert back_after <= BACK_WITHIN_S
     pools_empty(server)
 
@@ -216,6 +280,62 @@ def test_soak_1000_mixed_requests_with_a_model_process_killed_at_500(server):
     for model in ("language", "encoder"):
         assert rss[1000][model] <= rss[650][model] * 1.1 + 20_000, (model, rss)
     pools_empty(server)
+
+
+def model_processes(server, at_least: int = 0, timeout: float = 60) -> dict[int, Stub]:
+    """The model processes of the supervisor's current tritonserver, once there are `at_least`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stubs = children(tritonserver_pid(server))
+        except AssertionError:  # between two tritonservers
+            stubs = {}
+        if len(stubs) >= at_least or time.monotonic() > deadline:
+            return stubs
+        time.sleep(0.1)
+
+
+def frozen(server):
+    server.wait_ready()
+    freeze(stub_of(server, "language"))
+    return model_processes(server)
+
+
+def crashed_and_restarting(server):
+    server.wait_ready()
+    stubs = model_processes(server)
+    os.kill(tritonserver_pid(server), signal.SIGKILL)
+    time.sleep(1.5)  # the supervisor has noticed and started another, which is loading
+    return {**stubs, **model_processes(server)}
+
+
+SIGTERM_STATES = {
+    "loading": lambda s: model_processes(s, at_least=3),
+    "a frozen model process": frozen,
+    "restarting after tritonserver crashed": crashed_and_restarting,
+}
+
+
+@pytest.mark.parametrize("state", SIGTERM_STATES)
+def test_sigterm_stops_within_30_s(tmp_path, checkpoint, state):
+    """scripts/serve stops on SIGTERM within 30 s and leaves no model process behind, whatever the
+    state of the server (each on a server of its own)."""
+    if "frozen" in state and FREEZER is None:
+        pytest.skip(NO_FREEZER)
+    s = TritonServer(tmp_path / "server.log", env={"EPD_CHECKPOINT": checkpoint}, supervised=True, wait=False)
+    try:
+        stubs = SIGTERM_STATES[state](s)
+        t0 = time.monotonic()
+        os.kill(s.process.pid, signal.SIGTERM)
+        s.process.wait(35)
+        stopped_after = time.monotonic() - t0
+    finally:
+        thaw()  # a frozen process ends only when thawed (the supervisor killed it)
+        s.stop()
+    print(f"SIGTERM while {state}: stopped after {stopped_after:.1f} s")
+    assert stopped_after <= 30
+    time.sleep(1)
+    assert stubs and not alive(stubs), stubs
 
 
 def test_sigterm_with_a_hung_model_process_stops_within_30_s(server):

@@ -126,6 +126,9 @@ def command(http_port=8000, grpc_port=8001, metrics_port=8002, model_repository=
         f"--model-repository={model_repository}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
         f"--metrics-port={metrics_port}", "--allow-metrics=true", f"--log-info={str(log_info or verbose).lower()}",
         "--exit-timeout-secs=20",  # its own graceful stop, within the supervisor's bound
+        # Our configs are complete: without this the Python backend starts every model's process
+        # twice (once to ask model.py for a config), doubling the imports of every (re)start.
+        "--disable-auto-complete-config",
         *([] if has_gpu() else cpu_only_flags()), *extra,
     ]
     if ROLE_MODELS[role]:
@@ -154,6 +157,9 @@ def main() -> None:
     parser.add_argument("--probe-interval-s", type=float, default=float(os.environ.get("EPD_PROBE_INTERVAL_S", 1)),
                         help="supervise: probe every model this often and restart tritonserver when one stops "
                         "serving or it crashes (0: no supervisor, tritonserver replaces this process)")
+    parser.add_argument("--probe-timeout-s", type=float, default=float(os.environ.get("EPD_PROBE_TIMEOUT_S", 3)),
+                        help="a probe not answered within this fails; two in a row restart tritonserver "
+                        "(EPD_PROBE_TIMEOUT_S)")
     parser.add_argument("--device", default=os.environ.get("EPD_DEVICE", "cpu"),
                         help="cpu, or cuda[:N]: encoder and language as GPU instances on GPU N (EPD_DEVICE)")
     parser.add_argument("--openai-port", type=int, default=int(os.environ.get("OPENAI_PORT", 9000)),
@@ -176,7 +182,7 @@ def main() -> None:
           f"--url localhost:{args.grpc_port}", flush=True)
     if args.probe_interval_s <= 0:
         os.execve(argv[0], argv, env)
-    probe = Probe(f"127.0.0.1:{args.grpc_port}", PROBED[args.role])
+    probe = Probe(f"127.0.0.1:{args.grpc_port}", PROBED[args.role], args.probe_timeout_s)
     door = openai_door(args) if args.role != "encoder" and args.openai_port > 0 else None
     ready = (f"ready: HTTP http://localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, metrics "
              f"http://localhost:{args.metrics_port}/metrics, models {', '.join(ROLE_MODELS[args.role] or ALL_MODELS)}"

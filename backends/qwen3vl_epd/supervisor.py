@@ -20,6 +20,15 @@ from .console import Console
 
 PROBE_PREFIX = "epd-probe-"  # the request id of probes (to tell them apart in logs)
 STOP_TIMEOUT_S = 25.0  # a stop (SIGTERM/SIGINT) ends within this, whatever state the server is in
+WATCH_S = 0.1  # how often the model processes are checked for being dead or stopped
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A Python backend model process: its shared-memory region (unique to it) and instance name."""
+
+    region: str
+    instance: str
 
 
 @dataclass
@@ -93,10 +102,11 @@ def _language_probe(client, timeout_s: float) -> None:
 
 
 class Supervisor:
-    """run(): start tritonserver; every `interval_s` probe it; after `failures` failed probes in a
-    row, or when it exits, kill it with its model processes and start it again (at once after it
-    served; 1 s doubling to 30 s while starts keep failing). SIGTERM/SIGINT stop it within
-    STOP_TIMEOUT_S."""
+    """run(): start tritonserver; every `interval_s` probe it, watching its processes in between;
+    when it exits, a model process dies or stops, or `failures` probes fail in a row (a hang: within
+    interval_s + failures × the probe's timeout), kill it with its model processes and start it
+    again (at once after it served; 1 s doubling to 30 s while starts keep failing). SIGTERM/SIGINT
+    stop it within STOP_TIMEOUT_S."""
 
     def __init__(self, argv: list[str], env: dict, probe: Probe, interval_s: float = 1.0, failures: int = 2,
                  startup_timeout_s: float = 600.0, ready_message: str = "ready", console: Console | None = None,
@@ -109,7 +119,7 @@ class Supervisor:
         self.process: subprocess.Popen | None = None
         self.stopping = self.served = False
         self.restarts = 0
-        self.stubs: dict[int, str] = {}  # the model processes last seen (they outlive a crashed tritonserver)
+        self.stubs: dict[int, Stub] = {}  # the model processes last seen (they outlive a crashed tritonserver)
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -149,13 +159,12 @@ class Supervisor:
         self.served = not self.stopping
         if self.served:
             print(self.ready_message, file=self.log, flush=True)
+        self.stubs = children(self.process.pid)
         failed = 0
         while not self.stopping:
-            self._sleep(self.interval_s)
-            if self.process.poll() is not None:
-                self._kill(self.stubs)  # its model processes, orphaned now, may be stuck at exit
-                return f"it exited with {self.process.returncode}"
-            self.stubs = children(self.process.pid) or self.stubs
+            if not failed and (why := self._watch(self.interval_s)):  # a failed probe is repeated at once
+                return why
+            self.stubs.update(children(self.process.pid))  # models loaded since through the repository API
             self._keep_companions()
             why = self.probe.failure()
             failed = failed + 1 if why else 0
@@ -163,6 +172,20 @@ class Supervisor:
                 self._kill()
                 return f"probe failed {failed} times: {why}"
         return "stopping"
+
+    def _watch(self, seconds: float) -> str | None:
+        """Between probes: a crash or a dead or stopped model process is acted on within WATCH_S,
+        before the ready endpoint has answered 200 for long. Why it killed the server, or None."""
+        end = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < end:
+            self._sleep(WATCH_S)
+            if self.process.poll() is not None:
+                self._kill(self.stubs)  # its model processes, orphaned now, may be stuck at exit
+                return f"it exited with {self.process.returncode}"
+            if why := stub_fault(self.stubs):
+                self._kill()
+                return why
+        return None
 
     def _keep_companions(self) -> None:
         for argv, process in self.companions.items():
@@ -204,11 +227,11 @@ class Supervisor:
         self._kill(stubs)
         return code
 
-    def _kill(self, stubs: dict[int, str] | None = None) -> None:
+    def _kill(self, stubs: dict[int, Stub] | None = None) -> None:
         """SIGKILL tritonserver and its model processes, and remove their shared-memory regions."""
         stubs = children(self.process.pid) if stubs is None else stubs
-        for pid, region in stubs.items():
-            if is_stub(pid, region):  # still that stub, not a reused pid
+        for pid, stub in stubs.items():
+            if is_stub(pid, stub):  # still that stub, not a reused pid
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -216,8 +239,8 @@ class Supervisor:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        for region in stubs.values():
-            Path("/dev/shm", region).unlink(missing_ok=True)
+        for stub in stubs.values():
+            Path("/dev/shm", stub.region).unlink(missing_ok=True)
 
     def _relay(self, output) -> None:
         """tritonserver's output, through the console filter."""
@@ -235,25 +258,44 @@ class Supervisor:
         print(f"supervisor: {message}", file=self.log, flush=True)
 
 
-def is_stub(pid: int, region: str) -> bool:
-    """Whether process `pid` is still the model process that uses shared-memory region `region`."""
+def is_stub(pid: int, stub: Stub) -> bool:
+    """Whether process `pid` is still that model process (not a reused pid)."""
     try:
-        return region.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return stub.region.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 
 
-def children(pid: int) -> dict[int, str]:
-    """Python backend stubs started by process `pid` → the shared-memory region each uses."""
+def stub_fault(stubs: dict[int, Stub]) -> str | None:
+    """Why one of `stubs` cannot serve (it died, or it is stopped), else None."""
+    for pid, stub in stubs.items():
+        try:
+            state = _stat(pid)[0] if is_stub(pid, stub) else "X"  # a zombie's cmdline is empty
+        except (OSError, IndexError):
+            state = "X"
+        if state in "ZX":
+            return f"model process {stub.instance} (pid {pid}) died"
+        if state == "T":
+            return f"model process {stub.instance} (pid {pid}) is stopped"
+    return None
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state, ppid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> dict[int, Stub]:
+    """The Python backend model processes started by process `pid`."""
     out = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            ppid = int(_stat(int(proc.name))[1])
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == pid and argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 2:
-            out[int(proc.name)] = argv[2].decode()
+        if ppid == pid and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 8:
+            out[int(proc.name)] = Stub(argv[2].decode(), argv[8].decode())
     return out

@@ -1,10 +1,14 @@
 """Mooncake transfer of the five buffers: the handle, the transport, encoder-side staging, language-side pull."""
 
-from .handle import Handle
-from .signing import HandleKeys
-from .puller import Puller, PullStats
-from .session import PullSession
-from .stager import Stager
-from .transport import MooncakeTransport
+import importlib
 
-__all__ = ["Handle", "HandleKeys", "MooncakeTransport", "PullSession", "PullStats", "Puller", "Stager"]
+# Loaded on first use: `signing` alone (what the launcher needs) must not pull in torch and transformers.
+_HOME = {"Handle": "handle", "HandleKeys": "signing", "MooncakeTransport": "transport", "PullSession": "session",
+         "PullStats": "puller", "Puller": "puller", "Stager": "stager"}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
