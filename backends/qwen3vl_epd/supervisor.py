@@ -164,7 +164,8 @@ class Supervisor:
         while not self.stopping:
             if not failed and (why := self._watch(self.interval_s)):  # a failed probe is repeated at once
                 return why
-            self.stubs.update(children(self.process.pid))  # models loaded since through the repository API
+            # Models loaded since through the repository API are watched too; one unloaded is a fault.
+            self.stubs.update(children(self.process.pid))
             self._keep_companions()
             why = self.probe.failure()
             failed = failed + 1 if why else 0
