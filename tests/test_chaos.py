@@ -26,7 +26,7 @@ NOT_READY_WITHIN_S = 1.0  # a dead or stopped model process: /v2/health/ready st
 SEEN_STUBS: dict[int, Stub] = {}  # every model process of the module's server, across its restarts
 
 
-def alive(stubs: dict[int, str]) -> list[int]:
+def alive(stubs: dict[int, Stub]) -> list[int]:
     """Those of `stubs` still running (the same process: its shared-memory region in its command)."""
     return [pid for pid, stub in stubs.items() if is_stub(pid, stub)]
 
