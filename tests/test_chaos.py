@@ -204,22 +204,53 @@ def test_fault_under_8_streams(server, fault):
     pools_empty(server)
 
 
+class LanguageStream:
+    """A gRPC stream straight to `language`, 4000 tokens: `got` is set at its first response."""
+
+    def __init__(self, server, i: int):
+        import tritonclient.grpc as grpcclient
+
+        from client import grpc_inputs
+
+        self.got, self.errors = threading.Event(), []
+        self.client = grpcclient.InferenceServerClient(server.grpc_url)
+        self.client.start_stream(callback=self._on_response)
+        self.client.async_stream_infer("language", grpc_inputs(f"Story {i}", [], True,
+                                                               {"max_tokens": 4000, "ignore_eos": True}))
+
+    def _on_response(self, result, error):
+        if error is not None:
+            self.errors.append(error.message())
+        self.got.set()
+
+    def cancel(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
+def restarts(server) -> int:
+    return sum(line.startswith("supervisor: restarting tritonserver") for line in server.log_path.open())
+
+
+def test_a_saturated_server_is_not_restarted(server):
+    """KV taken by 16 streams and 8 more queued, for longer than two probe timeouts: the probes go
+    before the queue, so the supervisor sees a busy server, not a hung one."""
+    before = restarts(server)
+    streams = [LanguageStream(server, i) for i in range(24)]
+    time.sleep(10)
+    started, errors = sum(s.got.is_set() for s in streams), [e for s in streams for e in s.errors]
+    for s in streams:
+        s.cancel()
+    assert restarts(server) == before and not errors, errors
+    assert 0 < started < 24, started  # some queued all the while
+    pools_empty(server)
+
+
 def test_cancellation_storm_of_20(server):
-    import tritonclient.grpc as grpcclient
-
-    from client import grpc_inputs
-
-    clients = []
-    for i in range(20):
-        got = threading.Event()
-        c = grpcclient.InferenceServerClient(server.grpc_url)
-        c.start_stream(callback=lambda result, error, got=got: got.set())
-        c.async_stream_infer("language", grpc_inputs(f"Story {i}", [], True, {"max_tokens": 4000, "ignore_eos": True}))
-        clients.append((c, got))
-    for c, got in clients:
-        assert got.wait(60)
-        c.stop_stream(cancel_requests=True)
-        c.close()
+    streams = [LanguageStream(server, i) for i in range(20)]
+    for s in streams:
+        assert s.got.wait(60) and not s.errors, s.errors
+        s.cancel()
     pools_empty(server)
 
 

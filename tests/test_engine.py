@@ -164,6 +164,39 @@ def test_cancel_10_of_20_streams(peer, puller, language, processor, expected):
         engine.stop()
 
 
+def test_a_probe_is_answered_by_the_next_forward_when_the_queue_is_full(peer, puller, language, processor,
+                                                                          expected):
+    """The supervisor's liveness probe: on an idle engine a real one-token request; with KV taken
+    and a queue waiting, it goes first and the others' next forward answers it."""
+    need = blocks_for(expected["dragon"][2] + 500, 16) * 16
+    # Room for two, and no block shared between the identical prompts.
+    engine = make_engine(language, puller, processor, kv_cache_tokens=2 * need, prefix_cache=False)
+
+    def probe():
+        c = Collector()
+        engine.submit(stage(peer, "hi"), SamplingParams(max_tokens=12), c.emit, probe=True)  # 12: held to 1
+        return c
+
+    try:
+        idle = probe()
+        wait_all([idle], 60)
+        assert (idle.last.finish_reason, idle.last.num_output_tokens, idle.last.error) == ("length", 1, None)
+        long = SamplingParams(max_tokens=500, ignore_eos=True)
+        collectors = [submit(engine, peer, "dragon", long) for _ in range(6)]
+        while len(engine.scheduler.running) < 2 or not all(s.tokens for s in engine.scheduler.running):
+            time.sleep(0.01)
+        busy = probe()
+        wait_all([busy], 30)
+        assert (busy.last.finish_reason, busy.last.num_output_tokens, busy.last.error) == ("probe", 0, None)
+        assert len(engine.scheduler.waiting) == 4 and not any(c.done.is_set() for c in collectors)
+        for c in collectors:
+            c.cancel = True
+        wait_all(collectors)
+        assert_all_free(engine, peer)
+    finally:
+        engine.stop()
+
+
 def test_stop_cancels_what_is_left(peer, puller, language, processor):
     engine = make_engine(language, puller, processor)
     collectors = [submit(engine, peer, "dragon", SamplingParams(max_tokens=4000)) for _ in range(3)]

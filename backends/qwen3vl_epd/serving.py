@@ -161,16 +161,18 @@ class LanguageService:
         self.engine.submit(handle, params, emit, cancelled, arrived)
 
     def generate(self, request: EncodeRequest, params: SamplingParams, emit: Callable[[Piece], None],
-                 cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
+                 cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None,
+                 probe: bool = False) -> None:
         """Queue a prompt: text only, here and now (EpdError when it is bad); with images, returns at
-        once and the encode, pull and any retry run on workers, errors arriving through `emit`."""
+        once and the encode, pull and any retry run on workers, errors arriving through `emit`.
+        `probe`: a liveness probe (Engine.submit), text only."""
         request = self.templated(request)
         check_request(request.text, {}, self.settings)
         if not request.images:
             p = self.processor.process(request.text, [], request.raw_prompt)
             rows = self.buffers.embeddings[:0], self.buffers.deepstack[:0]
             prompt = LocalPrompt(encoded_prompt(p, *rows), self.settings.chunk_tokens)
-            self.engine.submit(prompt, params, emit, cancelled, arrived)
+            self.engine.submit(prompt, params, emit, cancelled, arrived, probe)
             return
         job = RemotePrompt(self, request, params, emit, cancelled, arrived)
         self.encode_workers.submit(job.run)

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .console import Console
+from .triton_io import PROBE_ID_PREFIX
 
-PROBE_PREFIX = "epd-probe-"  # the request id of probes (to tell them apart in logs)
 STOP_TIMEOUT_S = 25.0  # a stop (SIGTERM/SIGINT) ends within this, whatever state the server is in
 WATCH_S = 0.1  # how often the model processes are checked for being dead or stopped
 
@@ -71,7 +71,7 @@ def _encoder_probe(client, timeout_s: float) -> None:
 
     try:
         client.infer("encoder", [_bytes("text_input", b"probe"), _bytes("image", b"not an image")],
-                     request_id=PROBE_PREFIX + "encoder", client_timeout=timeout_s)
+                     request_id=PROBE_ID_PREFIX + "encoder", client_timeout=timeout_s, priority=1)
     except InferenceServerException as e:
         if "cannot decode image" in (e.message() or ""):
             return
@@ -90,7 +90,7 @@ def _language_probe(client, timeout_s: float) -> None:
     tokens = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
     tokens.set_data_from_numpy(np.array([[1]], dtype=np.int32))
     try:
-        client.async_stream_infer("language", [_bytes("text_input", b"probe"), tokens], request_id=PROBE_PREFIX + "language")
+        client.async_stream_infer("language", [_bytes("text_input", b"probe"), tokens], request_id=PROBE_ID_PREFIX + "language")
         try:
             error = results.get(timeout=timeout_s)
         except queue.Empty:

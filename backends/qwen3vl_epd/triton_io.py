@@ -12,6 +12,9 @@ from .errors import EpdError, InvalidInputError
 PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages")
 SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop")
 OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+# A language request whose id starts with this is a liveness probe (the supervisor's): one token at
+# most, queued first, and answered by the engine's next forward (see Engine.submit).
+PROBE_ID_PREFIX = "epd-probe-"
 
 
 def first(array: np.ndarray | None, kind=None):

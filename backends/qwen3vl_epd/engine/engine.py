@@ -57,9 +57,12 @@ class Engine:
         self._thread.start()
 
     def submit(self, prompt: bytes | str | LocalPrompt, params: SamplingParams, emit: Callable[[Piece], None],
-               cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None) -> None:
+               cancelled: Callable[[], bool] = lambda: False, arrived: float | None = None,
+               probe: bool = False) -> None:
         """Check the prompt (a handle, opened here, or a LocalPrompt) against the limits (EpdError
-        here, before anything is queued) and queue the request."""
+        here, before anything is queued) and queue the request. A `probe` (liveness: one token at
+        most) goes before the queue; when no KV is free for it, the next forward of the others
+        answers it (finish_reason "probe"): a busy engine is alive, not hung."""
         session = prompt if isinstance(prompt, LocalPrompt) else self.puller.open(prompt)
         length, limit = session.length, self.config.max_model_len
         try:
@@ -77,9 +80,11 @@ class Engine:
         except EpdError:
             session.close()
             raise
+        if probe:
+            params.max_tokens = 1
         seq = Sequence(params, length, session.mrope_delta, self.puller.chunk_tokens,
                        Detokenizer(self.tokenizer, params.stop), session, emit, cancelled,
-                       time.perf_counter() if arrived is None else arrived)
+                       time.perf_counter() if arrived is None else arrived, probe=probe)
         if self.kv.prefix_caching:
             seq.block_hashes = session.block_hashes
         self.timings.append(("prompt", seq.submitted - seq.arrived))
@@ -170,7 +175,7 @@ class Engine:
             if len(seq.tokens) == 1:
                 self.timings.append(("ttft", seq.first_token_at - seq.arrived))
         self.output_tokens += len(tokens)
-        for seq, piece in pieces:
+        for seq, piece in pieces + self.scheduler.answer_probes():
             self._emit(seq, piece)
 
     def _check_cancelled(self) -> None:

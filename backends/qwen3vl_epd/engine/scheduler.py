@@ -26,7 +26,10 @@ class Scheduler:
         self.running: list[Sequence] = []
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if seq.probe:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -35,9 +38,10 @@ class Scheduler:
         return [*self.running, *self.waiting]
 
     def admit(self) -> list[Sequence]:
-        """WAITING → PREFILL, first come first served, while KV and max_running allow; the admitted."""
+        """WAITING → PREFILL, first come first served (probes first, beyond max_running), while KV and
+        max_running allow; the admitted."""
         admitted = []
-        while self.waiting and len(self.running) < self.max_running:
+        while self.waiting and (len(self.running) < self.max_running or self.waiting[0].probe):
             head = self.waiting[0]
             kv = self.kv.allocate_sequence(head.kv_reservation, head.block_hashes, head.prompt_len)
             if kv is None:
@@ -94,6 +98,11 @@ class Scheduler:
             elif text:
                 out.append((seq, seq.piece(text)))
         return out
+
+    def answer_probes(self) -> list[tuple[Sequence, Piece]]:
+        """After a forward: the probes still waiting (no KV free for them) end, answered by it."""
+        probes = [s for s in self.waiting if s.probe]
+        return [(s, self.finish(s, "probe")) for s in probes]
 
     def finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None, text: str = "") -> Piece:
         """FINISHED: free the sequence's KV and its encoder slot; its last piece."""

@@ -58,6 +58,7 @@ class Sequence:
     rows: EncodedPrompt | None = None  # the next prompt chunk, once it has arrived
     tokens: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+    probe: bool = False  # a liveness probe: queued first, answered by any forward (Engine.submit)
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)

@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_epd import triton_adapter as ta
 from qwen3vl_epd.errors import EpdError
 from qwen3vl_epd.serving import EncodeRequest, LanguageService, merge_pieces
-from qwen3vl_epd.triton_io import first, prompt_fields, sampling_fields, text_field
+from qwen3vl_epd.triton_io import PROBE_ID_PREFIX, first, prompt_fields, sampling_fields, text_field
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 COUNTERS = {
@@ -79,7 +79,8 @@ class TritonPythonModel:
                 self.service.submit(handle, params, emit, request.is_cancelled, arrived)
             else:
                 prompt = EncodeRequest(*prompt_fields(get), messages=text_field(get, "messages"))
-                self.service.generate(prompt, params, emit, request.is_cancelled, arrived)
+                probe = request.request_id().startswith(PROBE_ID_PREFIX)
+                self.service.generate(prompt, params, emit, request.is_cancelled, arrived, probe)
         except EpdError as e:
             sender.send(ta.exception_response(e), flags=FINAL)
             self._update_metrics()
