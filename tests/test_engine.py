@@ -65,6 +65,14 @@ def assert_all_free(engine, peer):
         time.sleep(0.02)
 
 
+def cancel_all(collectors, engine, peer):
+    """Cancel the requests, wait for their ends, and check that nothing is left in use."""
+    for c in collectors:
+        c.cancel = True
+    wait_all(collectors)
+    assert_all_free(engine, peer)
+
+
 def test_mixed_batch_equals_transformers(peer, puller, language, processor, expected):
     engine = make_engine(language, puller, processor)
     try:
@@ -95,10 +103,7 @@ def test_long_prompt_chunks_interleave_with_decodes(peer, puller, language, proc
         assert all(not c.done.is_set() for c in early)
         assert engine.mixed_steps - mixed_before >= 4  # each of its prompt chunks ran beside decode tokens
         assert (long.text, long.last.num_output_tokens) == expected["landscape_in_detail"][:2]
-        for c in early:
-            c.cancel = True
-        wait_all(early)
-        assert_all_free(engine, peer)
+        cancel_all(early, engine, peer)
     finally:
         engine.stop()
 
@@ -189,10 +194,7 @@ def test_a_probe_is_answered_by_the_next_forward_when_the_queue_is_full(peer, pu
         wait_all([busy], 30)
         assert (busy.last.finish_reason, busy.last.num_output_tokens, busy.last.error) == ("probe", 0, None)
         assert len(engine.scheduler.waiting) == 4 and not any(c.done.is_set() for c in collectors)
-        for c in collectors:
-            c.cancel = True
-        wait_all(collectors)
-        assert_all_free(engine, peer)
+        cancel_all(collectors, engine, peer)
     finally:
         engine.stop()
 
