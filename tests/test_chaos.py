@@ -56,9 +56,9 @@ def tritonserver_pid(server) -> int:
 def stub_of(server, model: str) -> int:
     stubs = children(tritonserver_pid(server))
     SEEN_STUBS.update(stubs)
-    for stub in stubs:
-        if f"/{model}/1/model.py".encode() in Path(f"/proc/{stub}/cmdline").read_bytes():
-            return stub
+    for pid, stub in stubs.items():
+        if stub.instance.startswith(f"{model}_"):  # language_0_0
+            return pid
     raise AssertionError(f"no stub for {model}")
 
 
