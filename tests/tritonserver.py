@@ -28,24 +28,16 @@ def free_ports(n: int) -> list[int]:
 
 def wait_ready(process: subprocess.Popen, http_url: str, timeout: float, log_path: Path) -> None:
     """Until the server at http_url is ready; RuntimeError if the process exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"tritonserver exited with {process.returncode}; see {log_path}")
-        try:
-            with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"tritonserver not ready after {timeout} s; see {log_path}")
+    wait_http_ok(f"http://{http_url}/v2/health/ready", timeout, f"tritonserver (see {log_path})", process)
 
 
-def wait_http_ok(url: str, timeout: float, what: str) -> None:
-    """Until GET url answers 200; RuntimeError naming `what` after `timeout` seconds."""
+def wait_http_ok(url: str, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
+    """Until GET url answers 200; RuntimeError naming `what` after `timeout` seconds, or at once
+    when `process` (the server behind url) exits."""
     deadline = time.monotonic() + timeout
     while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:

@@ -100,9 +100,13 @@ class Scheduler:
         return out
 
     def answer_probes(self) -> list[tuple[Sequence, Piece]]:
-        """After a forward: the probes still waiting (no KV free for them) end, answered by it."""
-        probes = [s for s in self.waiting if s.probe]
-        return [(s, self.finish(s, "probe")) for s in probes]
+        """After a forward: the probes still waiting (no KV free for them) end, answered by it. They
+        are queued first, so only the head of the queue is looked at (this runs every step)."""
+        out = []
+        while self.waiting and self.waiting[0].probe:
+            seq = self.waiting[0]
+            out.append((seq, self.finish(seq, "probe")))
+        return out
 
     def finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None, text: str = "") -> Piece:
         """FINISHED: free the sequence's KV and its encoder slot; its last piece."""

@@ -68,9 +68,9 @@ class PullSession:
 
     def fetch(self, start: int, end: int, wait_for_blocks: bool = False) -> EncodedPrompt | None:
         """Tokens [start, end) with their own visual and DeepStack rows once they have arrived,
-        else None and their transfer is under way (a cached prefix is never read). Raises what the transfer raised, and
-        PeerError once it is over timeout_s. The result views local blocks: valid until the next
-        chunk is fetched or the session closes."""
+        else None and their transfer is under way (a cached prefix is never read). Raises what the
+        transfer raised, and PeerError once it is over timeout_s. The result views local blocks:
+        valid until the next chunk is fetched or the session closes."""
         if self._job is not None:
             if not self._job.done():
                 if time.monotonic() > self._job_deadline:
