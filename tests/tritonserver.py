@@ -28,7 +28,10 @@ def free_ports(n: int) -> list[int]:
 
 def wait_ready(process: subprocess.Popen, http_url: str, timeout: float, log_path: Path) -> None:
     """Until the server at http_url is ready; RuntimeError if the process exits or time runs out."""
-    wait_http_ok(f"http://{http_url}/v2/health/ready", timeout, f"tritonserver (see {log_path})", process)
+    try:
+        wait_http_ok(f"http://{http_url}/v2/health/ready", timeout, "tritonserver", process)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}; see {log_path}") from None
 
 
 def wait_http_ok(url: str, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
