@@ -23,11 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+import tritonclient.grpc as grpcclient  # noqa: E402
+from goals import verdict  # noqa: E402
 from tritonserver import TritonServer, start_openai_door  # noqa: E402
 
-import tritonclient.grpc as grpcclient  # noqa: E402
-from client import grpc_inputs  # noqa: E402
-from goals import verdict  # noqa: E402
+from qwen3vl_epd.wire import request_inputs  # noqa: E402
 
 
 def storm(server: TritonServer, model: str, streams: int, max_tokens: int) -> float:
@@ -41,7 +41,7 @@ def storm(server: TritonServer, model: str, streams: int, max_tokens: int) -> fl
         results = queue.Queue()
         client = grpcclient.InferenceServerClient(server.grpc_url)
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        inputs = grpc_inputs(f"Tell me story number {i}.", [], True, {"max_tokens": max_tokens, "ignore_eos": True})
+        inputs = request_inputs(f"Tell me story number {i}.", [], True, {"max_tokens": max_tokens, "ignore_eos": True})
         client.async_stream_infer(model, inputs)
         result, error = results.get(timeout=120)
         assert error is None, error

@@ -10,9 +10,8 @@ Run: .venv/bin/python bench/memory.py
 """
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
-
 from goals import verdict
+from transformers import AutoConfig, AutoModelForImageTextToText
 
 VISION = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16, temporal_patch_size=2,
               spatial_merge_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],

@@ -20,14 +20,16 @@ from fixtures import Collector, prompt_inputs  # noqa: E402
 from goals import verdict  # noqa: E402
 from peers import TEST_KEY, EncoderPeer, SilentPeer, resign  # noqa: E402
 
-from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
-from qwen3vl_epd.engine.engine import Engine  # noqa: E402
-from qwen3vl_epd.language import LanguageModel  # noqa: E402
-from qwen3vl_epd.processor import Processor  # noqa: E402
-from qwen3vl_epd.sampling import SamplingParams  # noqa: E402
-from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, Settings  # noqa: E402
-from qwen3vl_epd.tiny_checkpoint import build_tiny  # noqa: E402
-from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller  # noqa: E402
+from qwen3vl_epd.checkpoint.tiny import build_tiny  # noqa: E402
+from qwen3vl_epd.language.engine.engine import Engine  # noqa: E402
+from qwen3vl_epd.language.model import LanguageModel  # noqa: E402
+from qwen3vl_epd.language.sampling import SamplingParams  # noqa: E402
+from qwen3vl_epd.prompt.processor import Processor  # noqa: E402
+from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, LanguageSettings  # noqa: E402
+from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
+from qwen3vl_epd.transfer.puller import Puller  # noqa: E402
+from qwen3vl_epd.transfer.signing import HandleKeys  # noqa: E402
+from qwen3vl_epd.transfer.transport import MooncakeTransport  # noqa: E402
 
 STREAMS = 8
 
@@ -47,16 +49,15 @@ def one_round(engine, peer, window_s: float, stalled: bool) -> tuple[float, floa
     bad_handle = resign({**json.loads(peer.call("prompt", *prompt_inputs("small_image"))), "peer": silent.address})
     streams = []
     for _ in range(STREAMS):
-        c = Collector()
-        engine.submit(peer.call("prompt", *prompt_inputs("dragon")),
-                      SamplingParams(max_tokens=4000, ignore_eos=True), c.emit, lambda c=c: c.cancel)
+        c = Collector(SamplingParams(max_tokens=4000, ignore_eos=True))
+        engine.submit(peer.call("prompt", *prompt_inputs("dragon")), c.request)
         streams.append(c)
     while not all(len(c.pieces) > 4 for c in streams):
         time.sleep(0.005)
     start, failed_after = time.monotonic(), None
     if stalled:
-        bad = Collector()
-        engine.submit(bad_handle, SamplingParams(max_tokens=8), bad.emit)
+        bad = Collector(SamplingParams(max_tokens=8))
+        engine.submit(bad_handle, bad.request)
         bad.done.wait(window_s + 30)
         failed_after = bad.times[-1] - start
         assert bad.last.error is not None and bad.last.error.code == "UNAVAILABLE", bad.last
@@ -65,7 +66,7 @@ def one_round(engine, peer, window_s: float, stalled: bool) -> tuple[float, floa
         time.sleep(window_s)
     end = time.monotonic()
     for c in streams:
-        c.cancel = True
+        engine.cancel(c.request)
     for c in streams:
         c.done.wait(60)
     peer.call("reclaim", 10_000)
@@ -87,7 +88,7 @@ def main() -> None:
     model, processor = LanguageModel(checkpoint), Processor(checkpoint)
     buffers = MultimodalDataBuffers(64, 3, torch.float32, BufferConfig(block_tokens=16, block_visual=16))
     puller = Puller(buffers, MooncakeTransport(), HandleKeys(TEST_KEY), timeout_s=args.timeout_s)
-    engine = Engine(model, puller, processor.tokenizer, Settings(kv_cache_tokens=STREAMS * 4096 + 1024))
+    engine = Engine(model, puller, processor.tokenizer, LanguageSettings(kv_cache_tokens=STREAMS * 4096 + 1024))
     try:
         clean, stalled, fails = [], [], []
         for _ in range(args.rounds):  # interleaved, so the machine's noise hits both alike

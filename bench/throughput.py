@@ -18,18 +18,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+from goals import verdict  # noqa: E402
 from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 from client import load  # noqa: E402
-from goals import verdict  # noqa: E402
-from qwen3vl_epd.tiny_checkpoint import build_tiny  # noqa: E402
-from qwen3vl_epd.buffers import MultimodalDataBuffers  # noqa: E402
-from qwen3vl_epd.encoder import VisionEncoder  # noqa: E402
-from qwen3vl_epd.language import KVCache, LanguageModel  # noqa: E402
-from qwen3vl_epd.processor import Processor  # noqa: E402
-from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, Settings, pbtxt_parameters  # noqa: E402
-from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller, Stager  # noqa: E402
-from qwen3vl_epd.transfer.signing import new_key  # noqa: E402
+from qwen3vl_epd.checkpoint.tiny import build_tiny  # noqa: E402
+from qwen3vl_epd.encoder.vision import VisionEncoder  # noqa: E402
+from qwen3vl_epd.language.model import KVCache, LanguageModel  # noqa: E402
+from qwen3vl_epd.prompt.processor import Processor  # noqa: E402
+from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, LanguageSettings, pbtxt_parameters  # noqa: E402
+from qwen3vl_epd.transfer.buffers import MultimodalDataBuffers  # noqa: E402
+from qwen3vl_epd.transfer.puller import Puller  # noqa: E402
+from qwen3vl_epd.transfer.signing import (
+    HandleKeys,  # noqa: E402
+    new_key,  # noqa: E402
+)
+from qwen3vl_epd.transfer.stager import Stager  # noqa: E402
+from qwen3vl_epd.transfer.transport import MooncakeTransport  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"
 MIX = [("Describe this image.", ["small_64x64.webp"]), ("What is in the picture?", ["portrait_300x500.png"]),
@@ -102,7 +107,7 @@ def main() -> None:
         finally:
             server.stop()
     baseline = transformers_one_by_one(checkpoint, reqs, args.max_tokens)
-    served = Settings.from_parameters(pbtxt_parameters(ROOT / "model_repository" / "language" / "config.pbtxt"))
+    served = LanguageSettings.from_parameters(pbtxt_parameters(ROOT / "model_repository" / "language" / "config.pbtxt"))
     threads = served.torch_threads or torch.get_num_threads()
     enc, pull, prefill = stage_times(checkpoint, reqs, threads)
     print(f"tiny checkpoint, {args.requests} requests (mixed text / 1 / 2 images), {args.max_tokens} output tokens each")

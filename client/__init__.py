@@ -6,32 +6,15 @@ from __future__ import annotations
 import base64
 import json
 import queue
-import re
 import threading
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import numpy as np
+from qwen3vl_epd.wire import Response, error_code, message_code, request_inputs, response_of
 
-
-@dataclass
-class Response:
-    """One response: new text (the whole text when not streaming); finish_reason on the last."""
-
-    text: str
-    finish_reason: str
-    num_input_tokens: int
-    num_output_tokens: int
-
-
-# The server puts the code at the front of every error message ("[INVALID_ARG] ..."): the one
-# way it reaches a gRPC stream client, which gets no status code from tritonserver 2.51.
-_CODE = re.compile(r"\[([A-Z_]+)\] ")
-_BY_STATUS = {"400": "INVALID_ARG", "503": "UNAVAILABLE", "499": "CANCELLED", "StatusCode.INVALID_ARGUMENT":
-              "INVALID_ARG", "StatusCode.UNAVAILABLE": "UNAVAILABLE", "StatusCode.CANCELLED": "CANCELLED"}
+__all__ = ["RequestError", "Response", "data_url", "generate", "response_of", "text_of"]
 
 
 class RequestError(Exception):
@@ -39,13 +22,7 @@ class RequestError(Exception):
     (retry later), CANCELLED or INTERNAL; `status`: the transport's own (HTTP status, gRPC code)."""
 
     def __init__(self, status: str | None, message: str):
-        found = _CODE.search(message)
-        if found:
-            self.code = found.group(1)
-        elif "is not healthy" in message:  # tritonserver's own word for a model process that is gone
-            self.code = "UNAVAILABLE"
-        else:
-            self.code = _BY_STATUS.get(str(status), "INTERNAL")
+        self.code = error_code(status, message)
         self.status, self.message = status, message
         super().__init__(f"{self.code}: {message}")
 
@@ -72,53 +49,12 @@ def generate(url: str, prompt: str | None, images: list[bytes] = (), protocol: s
         raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
 
 
-def response_of(result) -> Response:
-    """A tritonclient gRPC InferResult of the language model (sync or asyncio client alike)."""
-    return Response(
-        text=result.as_numpy("text_output").reshape(-1)[0].decode(),
-        finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
-        num_input_tokens=int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
-        num_output_tokens=int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
-    )
-
-
 def text_of(responses: Iterator[Response]) -> tuple[str, Response]:
     """Concatenated text and the last response."""
     parts, last = [], None
     for last in responses:
         parts.append(last.text)
     return "".join(parts), last
-
-
-_TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
-          "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "raw_prompt": ("BOOL", np.bool_),
-          "ignore_eos": ("BOOL", np.bool_),
-          "stream": ("BOOL", np.bool_)}
-
-
-def grpc_inputs(prompt: str | None, images: list[bytes], stream: bool, fields: dict) -> list:
-    """The request tensors of `generate` (the OpenAI door and the benches build theirs here too)."""
-    import tritonclient.grpc as grpcclient
-
-    def tensor(name, dtype, array):
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        return t
-
-    inputs = [tensor("stream", "BOOL", np.array([[stream]], dtype=np.bool_))]
-    if prompt is not None:
-        inputs.append(tensor("text_input", "BYTES", np.array([[prompt.encode()]], dtype=np.object_)))
-    if images:
-        inputs.append(tensor("image", "BYTES", np.array([images], dtype=np.object_)))
-    for name, value in fields.items():
-        if name == "stop":
-            inputs.append(tensor("stop", "BYTES", np.array([[s.encode() for s in value]], dtype=np.object_)))
-        elif name == "messages":
-            inputs.append(tensor(name, "BYTES", np.array([[value.encode()]], dtype=np.object_)))
-        else:
-            triton_type, np_type = _TYPES[name]
-            inputs.append(tensor(name, triton_type, np.array([[value]], dtype=np_type)))
-    return inputs
 
 
 _local = threading.local()
@@ -142,7 +78,7 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         try:
-            client.async_stream_infer(model, grpc_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
+            client.async_stream_infer(model, request_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
         except InferenceServerException as e:  # the stream broke at once (server gone): its cause, if known
             try:
                 _, error = results.get(timeout=1)
@@ -167,7 +103,7 @@ def _stream_error(model: str, error, default_status: str | None = None) -> Reque
     """A stream's error; one without a code from the server is the connection's own (the server or
     a model process went away mid-request, and the supervisor restarts it): named as such."""
     status, message = error.status() or default_status, error.message() or ""
-    if not _CODE.search(message) and str(status) == "StatusCode.UNAVAILABLE":
+    if not message_code(message) and str(status) == "StatusCode.UNAVAILABLE":
         message = f"{model}: the connection to the server was lost ({message}); retry"
     return RequestError(status, message)
 

@@ -34,7 +34,7 @@ def pytest_terminal_summary(terminalreporter):
 def checkpoint() -> str:
     path = Path(os.environ.get("EPD_TINY_CHECKPOINT", ROOT / "checkpoints" / "tiny"))
     if not (path / "model.safetensors").exists():
-        from qwen3vl_epd.tiny_checkpoint import build_tiny
+        from qwen3vl_epd.checkpoint.tiny import build_tiny
 
         build_tiny(path)
     return str(path)
@@ -49,21 +49,21 @@ def reference(checkpoint):
 
 @pytest.fixture(scope="session")
 def processor(checkpoint):
-    from qwen3vl_epd.processor import Processor
+    from qwen3vl_epd.prompt.processor import Processor
 
     return Processor(checkpoint)
 
 
 @pytest.fixture(scope="session")
 def encoder(checkpoint):
-    from qwen3vl_epd.encoder import VisionEncoder
+    from qwen3vl_epd.encoder.vision import VisionEncoder
 
     return VisionEncoder(checkpoint)
 
 
 @pytest.fixture(scope="session")
 def language(checkpoint):
-    from qwen3vl_epd.language import LanguageModel
+    from qwen3vl_epd.language.model import LanguageModel
 
     return LanguageModel(checkpoint)
 
@@ -84,8 +84,10 @@ def puller():
     """The language side's Puller for the engine tests: small local pools, chunks of ENGINE_CHUNK."""
     from peers import TEST_KEY
 
-    from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
-    from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller
+    from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
+    from qwen3vl_epd.transfer.puller import Puller
+    from qwen3vl_epd.transfer.signing import HandleKeys
+    from qwen3vl_epd.transfer.transport import MooncakeTransport
 
     cfg = BufferConfig(block_tokens=16, block_visual=16, num_token_blocks=64, num_visual_blocks=64, num_slots=256)
     p = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), HandleKeys(TEST_KEY),

@@ -7,7 +7,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen3vl_epd.tiny_checkpoint import build_tiny
+from qwen3vl_epd.checkpoint.tiny import build_tiny
 
 TIED = {"tie_word_embeddings": True, "text_config": {"tie_word_embeddings": True}}
 

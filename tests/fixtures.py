@@ -71,8 +71,11 @@ def prompt_inputs(name: str) -> tuple[str, list[bytes]]:
 class Collector:
     """Gathers one engine request's pieces and when each came; `done` is set by its last piece."""
 
-    def __init__(self):
-        self.pieces, self.times, self.done, self.cancel = [], [], threading.Event(), False
+    def __init__(self, params=None, probe=False):
+        from qwen3vl_epd.language.request import LanguageRequest
+
+        self.pieces, self.times, self.done = [], [], threading.Event()
+        self.request = LanguageRequest(params, self.emit, probe=probe)
 
     def emit(self, piece):
         self.pieces.append(piece)

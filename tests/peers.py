@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from qwen3vl_epd.encoder import EncodedPrompt
-from qwen3vl_epd.transfer import HandleKeys
+from qwen3vl_epd.prompt.encoded import EncodedPrompt
 from qwen3vl_epd.transfer.handle import signing_payload
+from qwen3vl_epd.transfer.signing import HandleKeys
 
 TEST_KEY = "5eed" * 16  # the handle key of test encoder peers and the pullers that read from them
 
@@ -44,16 +44,17 @@ def synthetic_prompt(seed: int, length: int, visual: int, hidden: int, deepstack
 
 
 def _serve(conn, hidden, deepstack, buffer_config, ttl, alloc_wait_s, checkpoint, dtype, key):
-    from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
-    from qwen3vl_epd.transfer import MooncakeTransport, Stager
+    from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
+    from qwen3vl_epd.transfer.stager import Stager
+    from qwen3vl_epd.transfer.transport import MooncakeTransport
 
     transport = MooncakeTransport("127.0.0.1", "tcp")
     buffers = MultimodalDataBuffers(hidden, deepstack, dtype, BufferConfig(**buffer_config))
     stager = Stager(buffers, transport, HandleKeys(key), handle_ttl_s=ttl, alloc_wait_s=alloc_wait_s)
     processor = encoder = None
     if checkpoint:
-        from qwen3vl_epd.encoder import VisionEncoder
-        from qwen3vl_epd.processor import Processor
+        from qwen3vl_epd.encoder.vision import VisionEncoder
+        from qwen3vl_epd.prompt.processor import Processor
 
         processor, encoder = Processor(checkpoint), VisionEncoder(checkpoint)
     conn.send(transport.session_id)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from peers import synthetic_prompt
 
-from qwen3vl_epd.block_allocator import BlockAllocator, BlockError
-from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
+from qwen3vl_epd.transfer.blocks import BlockAllocator, BlockError
+from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
 
 pytestmark = pytest.mark.unit
 

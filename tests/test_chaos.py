@@ -14,7 +14,7 @@ from fixtures import image_bytes
 from tritonserver import TritonServer
 
 from client import RequestError, generate, text_of
-from qwen3vl_epd.supervisor import Stub, children, is_stub
+from qwen3vl_epd.ops.supervisor import Stub, children, is_stub
 
 pytestmark = pytest.mark.chaos
 
@@ -210,12 +210,12 @@ class LanguageStream:
     def __init__(self, server, i: int):
         import tritonclient.grpc as grpcclient
 
-        from client import grpc_inputs
+        from qwen3vl_epd.wire import request_inputs
 
         self.got, self.errors = threading.Event(), []
         self.client = grpcclient.InferenceServerClient(server.grpc_url)
         self.client.start_stream(callback=self._on_response)
-        self.client.async_stream_infer("language", grpc_inputs(f"Story {i}", [], True,
+        self.client.async_stream_infer("language", request_inputs(f"Story {i}", [], True,
                                                                {"max_tokens": 4000, "ignore_eos": True}))
 
     def _on_response(self, result, error):

@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen3vl_epd.checkpoint import LM_HEAD_PREFIX, TEXT_PREFIX, VISION_PREFIX, CheckpointReader, load_config
-from qwen3vl_epd.encoder import VisionEncoder
-from qwen3vl_epd.language import LanguageModel
-from qwen3vl_epd.tiny_checkpoint import build_tiny
+from qwen3vl_epd.checkpoint.reader import LM_HEAD_PREFIX, TEXT_PREFIX, VISION_PREFIX, CheckpointReader, load_config
+from qwen3vl_epd.checkpoint.tiny import build_tiny
+from qwen3vl_epd.encoder.vision import VisionEncoder
+from qwen3vl_epd.language.model import LanguageModel
 
 pytestmark = pytest.mark.unit
 

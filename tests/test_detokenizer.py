@@ -2,7 +2,7 @@
 
 import pytest
 
-from qwen3vl_epd.detokenizer import Detokenizer
+from qwen3vl_epd.language.detokenizer import Detokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -43,9 +43,9 @@ def test_random_token_streams_add_up(processor):
 
 
 def test_merge_pieces_keeps_order_and_finals():
-    from qwen3vl_epd.engine.sequence import Piece
     from qwen3vl_epd.errors import EpdError
-    from qwen3vl_epd.serving import merge_pieces
+    from qwen3vl_epd.language.request import Piece
+    from qwen3vl_epd.triton_backend.outbox import merge_pieces
 
     a, b = object(), object()
     batch = [(a, Piece("He", None, 5, 1)), (b, Piece("x", None, 3, 1)), (a, Piece("llo", None, 5, 2)),

@@ -10,8 +10,9 @@ import torch
 from fixtures import TOL, image_bytes
 from PIL import Image
 
-from qwen3vl_epd.encoder_cache import EncoderCache
-from qwen3vl_epd.processor import Limits, Processor
+from qwen3vl_epd.encoder.cache import EncoderCache
+from qwen3vl_epd.prompt.images import Limits
+from qwen3vl_epd.prompt.processor import Processor
 
 pytestmark = pytest.mark.unit
 

@@ -10,12 +10,14 @@ from fixtures import ENGINE_CHUNK, Collector, prompt_inputs
 from peers import TEST_KEY, SilentPeer, resign
 from reference import reference_greedy
 
-from qwen3vl_epd.block_allocator import blocks_for
-from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
-from qwen3vl_epd.engine.engine import Engine
-from qwen3vl_epd.sampling import SamplingParams
-from qwen3vl_epd.settings import Settings
-from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller
+from qwen3vl_epd.language.engine.engine import Engine
+from qwen3vl_epd.language.sampling import SamplingParams
+from qwen3vl_epd.settings import LanguageSettings
+from qwen3vl_epd.transfer.blocks import blocks_for
+from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
+from qwen3vl_epd.transfer.puller import Puller
+from qwen3vl_epd.transfer.signing import HandleKeys
+from qwen3vl_epd.transfer.transport import MooncakeTransport
 
 pytestmark = pytest.mark.mooncake
 
@@ -38,7 +40,7 @@ def expected(processor, reference):
 
 def make_engine(language, puller, processor, **kw):
     kw = {"kv_cache_tokens": 16384, "max_batched_tokens": 256, **kw}
-    return Engine(language, puller, processor.tokenizer, Settings(**kw))
+    return Engine(language, puller, processor.tokenizer, LanguageSettings(**kw))
 
 
 def stage(peer, name) -> bytes:
@@ -46,9 +48,8 @@ def stage(peer, name) -> bytes:
 
 
 def submit(engine, peer, name, params=None, handle=None):
-    c = Collector()
-    engine.submit(handle or stage(peer, name), params or SamplingParams(max_tokens=MAX_TOKENS[name]), c.emit,
-                  lambda: c.cancel)
+    c = Collector(params or SamplingParams(max_tokens=MAX_TOKENS[name]))
+    engine.submit(handle or stage(peer, name), c.request)
     return c
 
 
@@ -68,7 +69,7 @@ def assert_all_free(engine, peer):
 def cancel_all(collectors, engine, peer):
     """Cancel the requests, wait for their ends, and check that nothing is left in use."""
     for c in collectors:
-        c.cancel = True
+        engine.cancel(c.request)
     wait_all(collectors)
     assert_all_free(engine, peer)
 
@@ -157,7 +158,7 @@ def test_cancel_10_of_20_streams(peer, puller, language, processor, expected):
         for c in collectors[::2]:
             while not c.pieces:
                 time.sleep(0.002)
-            c.cancel = True
+            engine.cancel(c.request)
         wait_all(collectors)
         for i, (name, c) in enumerate(zip(jobs, collectors)):
             if i % 2 == 0:
@@ -178,8 +179,8 @@ def test_a_probe_is_answered_by_the_next_forward_when_the_queue_is_full(peer, pu
     engine = make_engine(language, puller, processor, kv_cache_tokens=2 * need, prefix_cache=False)
 
     def probe():
-        c = Collector()
-        engine.submit(stage(peer, "hi"), SamplingParams(max_tokens=12), c.emit, probe=True)  # 12: held to 1
+        c = Collector(SamplingParams(max_tokens=12), probe=True)  # 12: held to 1
+        engine.submit(stage(peer, "hi"), c.request)
         return c
 
     try:
@@ -248,7 +249,7 @@ def test_a_stalled_peer_stalls_only_its_own_request(peer, language, processor, e
             gaps = [b - a for a, b in zip(during, during[1:])]
             assert len(during) >= 10 and max(gaps) < 0.5, (len(during), max(gaps, default=None))
             assert not c.done.is_set()
-            c.cancel = True
+            engine.cancel(c.request)
         wait_all(live)
         good = submit(engine, peer, "small_image")  # still serving, the same peer as before
         wait_all([good])

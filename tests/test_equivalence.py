@@ -5,7 +5,7 @@ import torch
 from fixtures import IMAGE_TOKEN_ID, TOL, prompt_inputs
 from reference import reference_greedy, reference_logits
 
-from qwen3vl_epd.sampling import SamplingParams
+from qwen3vl_epd.language.sampling import SamplingParams
 
 pytestmark = pytest.mark.unit
 

@@ -13,11 +13,11 @@ from reference import reference_greedy, reference_logits
 from tritonserver import TritonServer
 
 from client import generate, text_of
-from qwen3vl_epd.architecture import UnsupportedCheckpointError, architecture
-from qwen3vl_epd.checkpoint import load_config
-from qwen3vl_epd.encoder import VisionEncoder
-from qwen3vl_epd.language import KVCache, LanguageModel
-from qwen3vl_epd.processor import Processor
+from qwen3vl_epd.checkpoint.architecture import UnsupportedCheckpointError, architecture
+from qwen3vl_epd.checkpoint.reader import load_config
+from qwen3vl_epd.encoder.vision import VisionEncoder
+from qwen3vl_epd.language.model import KVCache, LanguageModel
+from qwen3vl_epd.prompt.processor import Processor
 
 CASES = ["sea", "landscape", "two_marked_with"]  # text only, one image, two images
 MAX_TOKENS = 12

@@ -7,8 +7,8 @@ import pytest
 from fixtures import image_bytes
 
 from qwen3vl_epd.errors import InvalidInputError
-from qwen3vl_epd.messages import parse_messages
-from qwen3vl_epd.processor import VISION_PLACEHOLDER
+from qwen3vl_epd.prompt.messages import parse_messages
+from qwen3vl_epd.prompt.processor import VISION_PLACEHOLDER
 
 pytestmark = pytest.mark.unit
 

@@ -7,9 +7,9 @@ import torch
 from fixtures import TOL, prompt_inputs
 from reference import reference_logits
 
-from qwen3vl_epd.engine.kv_cache import PagedKVCache
-from qwen3vl_epd.engine.model_runner import ModelRunner
-from qwen3vl_epd.language import KVCache
+from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
+from qwen3vl_epd.language.engine.model_runner import ModelRunner
+from qwen3vl_epd.language.model import KVCache
 
 pytestmark = pytest.mark.unit
 

@@ -59,7 +59,7 @@ def sdk(server):
 @pytest.fixture(scope="module")
 def expected(processor, reference):
     """Per conversation: transformers' greedy text, rendered by the checkpoint's chat template."""
-    from qwen3vl_epd.messages import parse_messages
+    from qwen3vl_epd.prompt.messages import parse_messages
 
     out = {}
     for name, turns in CONVERSATIONS.items():

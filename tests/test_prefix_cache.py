@@ -6,11 +6,11 @@ import torch
 from fixtures import ENGINE_CHUNK, TOL, Collector, image_bytes, noise_jpeg
 from reference import reference_greedy, reference_logits
 
-from qwen3vl_epd.engine.engine import Engine
-from qwen3vl_epd.engine.kv_cache import PagedKVCache
-from qwen3vl_epd.engine.model_runner import ModelRunner
-from qwen3vl_epd.sampling import SamplingParams
-from qwen3vl_epd.settings import Settings
+from qwen3vl_epd.language.engine.engine import Engine
+from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
+from qwen3vl_epd.language.engine.model_runner import ModelRunner
+from qwen3vl_epd.language.sampling import SamplingParams
+from qwen3vl_epd.settings import LanguageSettings
 
 pytestmark = pytest.mark.mooncake
 
@@ -21,14 +21,14 @@ N1, N2 = noise_jpeg(256, seed=1), noise_jpeg(256, seed=2)  # two different image
 
 def engine_for(language, puller, processor, **kw):
     return Engine(language, puller, processor.tokenizer,
-                  Settings(**{"kv_cache_tokens": 16384, "max_batched_tokens": 256, **kw}))
+                  LanguageSettings(**{"kv_cache_tokens": 16384, "max_batched_tokens": 256, **kw}))
 
 
 def run(engine, peer, processor, reference, text, images, raw=False):
     """Send one prompt; assert it equals transformers; the prompt tokens it found cached."""
     before = engine.prefix_hit_tokens
-    c = Collector()
-    engine.submit(peer.call("prompt", text, images, raw), SamplingParams(max_tokens=MAX_TOKENS), c.emit, lambda: False)
+    c = Collector(SamplingParams(max_tokens=MAX_TOKENS))
+    engine.submit(peer.call("prompt", text, images, raw), c.request)
     assert c.done.wait(300)
     want = reference_greedy(reference, processor.process(text, images, raw), MAX_TOKENS)
     assert (c.text, c.last.num_output_tokens) == (processor.tokenizer.decode(want, skip_special_tokens=True),

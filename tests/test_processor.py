@@ -15,7 +15,8 @@ from qwen3vl_epd.errors import (
     PromptTooLongError,
     TooManyImagesError,
 )
-from qwen3vl_epd.processor import VISION_PLACEHOLDER, Limits, Processor, decode_image
+from qwen3vl_epd.prompt.images import Limits, decode_image
+from qwen3vl_epd.prompt.processor import VISION_PLACEHOLDER, Processor
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,10 @@ import time
 import pytest
 from tritonserver import free_ports
 
-from qwen3vl_epd.encoder_pool import EncoderPool
 from qwen3vl_epd.errors import UnavailableError
-from qwen3vl_epd.launch import MODEL_REPOSITORY, command, device_repository, role_env, target_hosts
-from qwen3vl_epd.transfer.puller import HostAllowList
+from qwen3vl_epd.language.encoder_pool import EncoderPool
+from qwen3vl_epd.ops.launch import MODEL_REPOSITORY, command, device_repository, role_env, target_hosts
+from qwen3vl_epd.transfer.peers import HostAllowList
 from qwen3vl_epd.transfer.transport import advertised_host
 
 pytestmark = pytest.mark.unit
@@ -101,25 +101,27 @@ def test_no_reachable_encoder_is_unavailable_within_the_bound():
 
 
 def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
-    """RemotePrompt's rule alone, with the pool and engine stood in by their call records: a lost
+    """LanguageService's rule alone, with the pool and engine stood in by their call records: a lost
     pull (PeerError, HandleExpiredError) before any token re-encodes, up to ENCODE_ATTEMPTS."""
     from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
-    from qwen3vl_epd.engine.sequence import Piece
     from qwen3vl_epd.errors import InvalidInputError, PeerError
-    from qwen3vl_epd.serving import ENCODE_ATTEMPTS, EncodeRequest, RemotePrompt
+    from qwen3vl_epd.language.request import ENCODE_ATTEMPTS, LanguageRequest, Piece, PromptInputs
+    from qwen3vl_epd.language.service import LanguageService
 
     def run(outcomes):
         """outcomes: what each pull ends with; returns (encodes, pieces the client saw)."""
         encodes, seen, told = [], [], threading.Event()
         outcomes = iter(outcomes)
-        pool = SimpleNamespace(encode=lambda *a: encodes.append(a) or b"handle", count_retry=lambda: None)
-        engine = SimpleNamespace(submit=lambda handle, params, emit, *a: emit(next(outcomes)))
+        service = object.__new__(LanguageService)  # only the request's path, none of the model
+        service.encoders = SimpleNamespace(encode=lambda *a: encodes.append(a) or b"handle", count_retry=lambda: None)
+        service.engine = SimpleNamespace(submit=lambda handle, request: service._deliver(request, next(outcomes)))
         with ThreadPoolExecutor(1) as workers:
-            service = SimpleNamespace(encoders=pool, engine=engine, encode_workers=workers)
-            emit = lambda piece: seen.append(piece) or told.set()  # noqa: E731
-            RemotePrompt(service, EncodeRequest("x", [b"img"]), None, emit, lambda: False, None).run()
+            service.encode_workers = workers
+            request = LanguageRequest(None, lambda piece: seen.append(piece) or told.set(),
+                                      inputs=PromptInputs("x", [b"img"]))
+            service._encode_later(request)
             assert told.wait(10)
         return len(encodes), seen
 
@@ -134,7 +136,7 @@ def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
 
 
 def test_console_shows_what_matters():
-    from qwen3vl_epd.console import Console
+    from qwen3vl_epd.ops.console import Console
 
     quiet, verbose = Console(), Console(verbose=True)
     lines = {

@@ -4,12 +4,12 @@ lifecycle it owns (chunks → decode → finish, the finish rule, freeing KV). N
 import pytest
 import torch
 
-from qwen3vl_epd.detokenizer import Detokenizer
-from qwen3vl_epd.engine.kv_cache import PagedKVCache
-from qwen3vl_epd.engine.scheduler import Scheduler
-from qwen3vl_epd.engine.sequence import Sequence, Status
-from qwen3vl_epd.sampling import SamplingParams
-from qwen3vl_epd.settings import Settings
+from qwen3vl_epd.language.detokenizer import Detokenizer
+from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
+from qwen3vl_epd.language.engine.scheduler import Scheduler
+from qwen3vl_epd.language.engine.sequence import Sequence, Status
+from qwen3vl_epd.language.sampling import SamplingParams
+from qwen3vl_epd.settings import LanguageSettings
 
 pytestmark = pytest.mark.unit
 
@@ -19,7 +19,7 @@ BLOCK = 16
 
 def scheduler(kv_blocks=16, max_batched_tokens=64, max_running=8):
     kv = PagedKVCache(1, kv_blocks, BLOCK, 1, 4, torch.float32)
-    config = Settings(max_batched_tokens=max_batched_tokens, max_running=max_running)
+    config = LanguageSettings(max_batched_tokens=max_batched_tokens, max_running=max_running)
     return Scheduler(kv, config, {EOS})
 
 

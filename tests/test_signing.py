@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from qwen3vl_epd import launch
+from qwen3vl_epd.ops import launch
 from qwen3vl_epd.transfer import signing
 from qwen3vl_epd.transfer.signing import ENV_KEY, ENV_KEY_FILE, HandleKeys, new_key, server_key
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from qwen3vl_epd.supervisor import Stub, stub_fault
+from qwen3vl_epd.ops.supervisor import Stub, stub_fault
 
 pytestmark = pytest.mark.unit
 

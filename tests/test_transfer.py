@@ -8,10 +8,13 @@ import pytest
 import torch
 from peers import TEST_KEY, EncoderPeer, SilentPeer, resign, synthetic_prompt
 
-from qwen3vl_epd.block_allocator import blocks_for
-from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.errors import HandleError, HandleExpiredError, PeerError, PoolFullError
-from qwen3vl_epd.transfer import Handle, HandleKeys, MooncakeTransport, Puller
+from qwen3vl_epd.transfer.blocks import blocks_for
+from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
+from qwen3vl_epd.transfer.handle import Handle
+from qwen3vl_epd.transfer.puller import Puller
+from qwen3vl_epd.transfer.signing import HandleKeys
+from qwen3vl_epd.transfer.transport import MooncakeTransport
 
 pytestmark = pytest.mark.mooncake
 
@@ -64,14 +67,14 @@ def assert_same(got, want):
 def test_round_trip_bit_exact(peer, puller, length, visual, images):
     d = peer.deepstack
     handle = peer.stage(7, length, visual, images)
-    before, probes = puller.stats.bytes_read, puller.stats.probes
+    before, contacts = puller.stats.bytes_read, puller.stats.first_contacts
     with puller.open(handle) as session:
         assert session.num_chunks == blocks_for(length, CHUNK)
         got = session.read_all()
     assert_same(got, synthetic_prompt(7, length, visual, H, d, images))
     row = 4 + 12
     expected = length * row + visual * H * 4 * (1 + d) + 2 * 128 * session.num_chunks
-    expected += 128 * (puller.stats.probes - probes)  # the header read of a first contact with the peer
+    expected += 128 * (puller.stats.first_contacts - contacts)  # the header read of a first contact with the peer
     assert puller.stats.bytes_read - before == expected  # no DeepStack bytes at all when D = 0
     assert zero(puller.buffers.in_use())
     peer.call("reclaim", 0)
@@ -244,7 +247,7 @@ def _tampered(fields: dict, name: str) -> dict:
 def test_unsigned_forged_and_tampered_handles_cause_no_traffic(peer, puller):
     handle = peer.stage(21, 40, 20)
     fields = json.loads(handle)
-    before = (puller.stats.bytes_read, puller.stats.probes)
+    before = (puller.stats.bytes_read, puller.stats.first_contacts)
     attempts = {"unsigned": {k: v for k, v in fields.items() if k != "signature"},
                 "forged": {**fields, "signature": "0" * 64},
                 "another server's key": json.loads(resign(fields, key="a1" * 32))}
@@ -254,7 +257,7 @@ def test_unsigned_forged_and_tampered_handles_cause_no_traffic(peer, puller):
         with pytest.raises(HandleError, match="handle signature is missing or wrong") as e:
             puller.open(json.dumps(attempt))
         assert e.value.code == "INVALID_ARG", what
-    assert (puller.stats.bytes_read, puller.stats.probes) == before  # not one Mooncake read
+    assert (puller.stats.bytes_read, puller.stats.first_contacts) == before  # not one Mooncake read
     assert zero(puller.buffers.in_use())
     assert_same(puller.pull(handle), synthetic_prompt(21, 40, 20, H, peer.deepstack))  # untouched, still served
     peer.call("reclaim", 0)
@@ -341,7 +344,7 @@ def test_released_token_rows_are_zeroed(peer, puller):
 
 LISTENERS = """
 import json, os, sys
-from qwen3vl_epd.transfer import MooncakeTransport
+from qwen3vl_epd.transfer.transport import MooncakeTransport
 t = MooncakeTransport("127.0.0.1", "tcp", ports=sys.argv[1])
 inodes = set()
 for fd in os.listdir("/proc/self/fd"):

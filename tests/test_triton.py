@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import (ACCEPTED, IMAGES, REJECTED, ROOT, image_bytes, language_request_inputs, noise_jpeg,
-                      prompt_inputs)
+from fixtures import ACCEPTED, IMAGES, REJECTED, ROOT, image_bytes, language_request_inputs, noise_jpeg, prompt_inputs
 from reference import reference_greedy
 from tritonserver import TritonServer
 

@@ -6,9 +6,11 @@ from fixtures import TOL, prompt_inputs
 from peers import TEST_KEY, EncoderPeer
 from reference import reference_greedy, reference_logits
 
-from qwen3vl_epd.buffers import BufferConfig, MultimodalDataBuffers
-from qwen3vl_epd.sampling import SamplingParams
-from qwen3vl_epd.transfer import HandleKeys, MooncakeTransport, Puller
+from qwen3vl_epd.language.sampling import SamplingParams
+from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
+from qwen3vl_epd.transfer.puller import Puller
+from qwen3vl_epd.transfer.signing import HandleKeys
+from qwen3vl_epd.transfer.transport import MooncakeTransport
 
 pytestmark = pytest.mark.mooncake
 

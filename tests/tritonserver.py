@@ -79,7 +79,7 @@ class TritonServer:
         self.log = open(log_path, "w")
         prefix = (["ip", "netns", "exec", netns] if netns else []) + (["taskset", "-c", cpus] if cpus else [])
         self.process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "qwen3vl_epd.launch", f"--http-port={self.http}",
+            [*prefix, sys.executable, "-m", "qwen3vl_epd.ops.launch", f"--http-port={self.http}",
              f"--grpc-port={self.grpc}", f"--metrics-port={self.metrics}", f"--openai-port={self.openai}",
              *([] if supervised else ["--probe-interval-s=0"]), *args],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},

@@ -16,48 +16,26 @@ ENV_PREFIX = "EPD_"
 
 @dataclass
 class Settings:
-    """Every setting of the encoder and language models; each side reads what it needs."""
+    """What both sides read; EncoderSettings and LanguageSettings add their own. The defaults here
+    are the only ones: config.pbtxt files and the README state the same (a test checks)."""
 
     checkpoint: str = ""  # empty: the embedded tiny checkpoint
     dtype: str = "auto"  # auto: the checkpoint's dtype
     device: str = "cpu"
-    torch_threads: int = 0  # intra-op threads of this process; 0: torch's default
+    torch_threads: int = 1  # intra-op threads of this model process; 0: torch's default (one per core)
     # Mooncake
     mooncake_host: str = "127.0.0.1"  # the address peers reach this process at; "auto": the default route's
     mooncake_protocol: str = "tcp"
     mooncake_device: str = ""
     mooncake_metadata_server: str = "P2PHANDSHAKE"
     mooncake_ports: str = ""  # "MIN-MAX": the range both Mooncake listeners take their ports from (firewalls)
-    allowed_encoder_hosts: list[str] = field(default_factory=list)  # hosts or CIDR; empty: this host only
-    # the encoder pool (language side): a gRPC target, e.g. "ipv4:10.0.1.2:8001,10.0.2.2:8001" or "dns:///enc:8001"
-    encoders: str = "127.0.0.1:8001"
-    encode_timeout_s: float = 600.0  # bound on one encode (a large image on a CPU tower takes minutes)
-    encoder_wait_s: float = 10.0  # how long a request waits for a reachable encoder, then UNAVAILABLE
     handle_key_file: str = ""  # empty: EPD_HANDLE_KEY_FILE, EPD_HANDLE_KEY, else a key per server (signing.py)
     transfer_timeout_s: float = 5.0  # bound on a Mooncake connect, read or write; then UNAVAILABLE
-    transfer_workers: int = 8  # threads that run the language side's Mooncake reads and release writes
-    # buffers
+    # buffers: rows per block (the encoder's pools are sized in EncoderSettings)
     block_tokens: int = 64
     block_visual: int = 64
-    num_token_blocks: int = 512
-    num_visual_blocks: int = 256
-    num_slots: int = 64
-    handle_ttl_s: float = 120.0
-    encoder_cache_mb: float = 1024.0  # encoder outputs kept per image content (0: no cache)
-    alloc_wait_s: float = 5.0
-    chunk_tokens: int = 2048  # prompt tokens pulled and prefilled per chunk
-    # engine
-    kv_cache_tokens: int = 65536  # KV cache budget, in tokens, allocated at start
-    kv_block_size: int = 16
-    prefix_cache: bool = True  # reuse the KV of full prompt blocks other requests computed (LRU)
-    max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
-    max_running: int = 256
-    max_queued_requests: int = 1024
-    cancel_check_ms: float = 20.0  # is_cancelled() is a round trip to the server: this often at most
+    alloc_wait_s: float = 5.0  # back-pressure: wait this long for a full pool, then UNAVAILABLE
     # request limits
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 50_000_000
-    max_images: int = 8
     max_model_len: int = 32768
     max_tokens_limit: int = 4096
     default_max_tokens: int = 256
@@ -97,6 +75,42 @@ class Settings:
             return getattr(torch, self.dtype)
         dt = getattr(config, "dtype", None) or getattr(config.text_config, "dtype", None) or torch.float32
         return getattr(torch, dt) if isinstance(dt, str) else dt
+
+
+    def summary(self) -> str:
+        """Every setting as name=value, for the start-up log line."""
+        return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self).items())
+
+
+@dataclass
+class EncoderSettings(Settings):
+    num_token_blocks: int = 512
+    num_visual_blocks: int = 256
+    num_slots: int = 64
+    handle_ttl_s: float = 120.0
+    encoder_cache_mb: float = 1024.0  # encoder outputs kept per image content (0: no cache)
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_images: int = 8
+
+
+@dataclass
+class LanguageSettings(Settings):
+    allowed_encoder_hosts: list[str] = field(default_factory=list)  # hosts or CIDR; empty: this host only
+    # the encoder pool: a gRPC target, e.g. "ipv4:10.0.1.2:8001,10.0.2.2:8001" or "dns:///enc:8001"
+    encoders: str = "127.0.0.1:8001"
+    encode_timeout_s: float = 600.0  # bound on one encode (a large image on a CPU tower takes minutes)
+    encoder_wait_s: float = 10.0  # how long a request waits for a reachable encoder, then UNAVAILABLE
+    transfer_workers: int = 8  # threads that run the Mooncake reads and release writes
+    chunk_tokens: int = 2048  # prompt tokens pulled and prefilled per chunk
+    # engine
+    kv_cache_tokens: int = 65536  # KV cache budget, in tokens, allocated at start
+    kv_block_size: int = 16
+    prefix_cache: bool = True  # reuse the KV of full prompt blocks other requests computed (LRU)
+    max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
+    max_running: int = 256
+    max_queued_requests: int = 1024
+    cancel_check_ms: float = 20.0  # is_cancelled() is a round trip to the server: this often at most
 
 
 def pbtxt_parameters(config_pbtxt: str | Path) -> dict[str, str]:

@@ -6,7 +6,7 @@ any server of this repository."""
 import argparse
 import os
 
-from .server import DoorConfig, serve
+from qwen3vl_epd.openai_api.server import DoorConfig, serve
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ..triton_io import CODE_PREFIX, message_code
+from qwen3vl_epd.wire import CODE_PREFIX, message_code
 
 # Triton error code (the "[CODE] " prefix of every model error) → HTTP status and OpenAI error type.
 STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "service_unavailable"),

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
-from client import Response, grpc_inputs, response_of
-
-from . import protocol as api
-from .protocol import OpenAIError
+from qwen3vl_epd.openai_api import protocol as api
+from qwen3vl_epd.openai_api.protocol import OpenAIError
+from qwen3vl_epd.wire import Response, request_inputs, response_of
 
 
 @dataclass
@@ -128,7 +127,7 @@ class ChatServer:
         finished = asyncio.Event()
 
         async def requests():
-            inputs = grpc_inputs(None, [], chat.stream, {**chat.sampling, "messages": chat.messages_json()})
+            inputs = request_inputs(None, [], chat.stream, {**chat.sampling, "messages": chat.messages_json()})
             yield {"model_name": self.config.model, "inputs": inputs, "request_id": uuid.uuid4().hex}
             await finished.wait()  # the stream stays open until the last response
 

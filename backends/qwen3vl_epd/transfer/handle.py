@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..block_allocator import blocks_for
-from ..buffers import AUX_WIDTH
-from ..errors import HandleError
-from ..prefix import HASH_TOKENS
-from .signing import HandleKeys
+from qwen3vl_epd.errors import HandleError, HandleExpiredError
+from qwen3vl_epd.prompt.prefix import HASH_TOKENS
+from qwen3vl_epd.transfer.blocks import blocks_for
+from qwen3vl_epd.transfer.buffers import AUX_WIDTH
+from qwen3vl_epd.transfer.signing import HandleKeys
 
 PROTOCOL_VERSION = 3
 MAGIC = 0x45504400  # "EPD\0"; the low byte carries the version
@@ -147,3 +147,18 @@ def aux_row(h: Handle) -> list[int]:
     row[LENGTH], row[VISUAL], row[DEEPSTACK], row[HIDDEN] = h.length, h.num_visual, h.num_deepstack, h.hidden_size
     row[DTYPE], row[DELTA], row[IMAGES], row[SLOT] = DTYPE_CODES[h.dtype], h.mrope_delta, len(h.image_spans), h.slot
     return row
+
+
+def check_header(h: Handle, aux: list[int], what: str) -> None:
+    """The header read from the encoder's slot must be this handle's: same generation (not
+    reclaimed), same nonce (not forged or reused), same shape."""
+    if aux[GENERATION] != h.generation:
+        raise HandleExpiredError(
+            f"{h.name} expired: the encoder reclaimed slot {h.slot} (now generation {aux[GENERATION]}); "
+            f"it was already released or outlived handle_ttl_s ({what})")
+    if aux[NONCE] != h.nonce:
+        raise HandleError(f"{h.name}: nonce mismatch, the handle is forged or reused ({what})")
+    expected = aux_row(h)
+    got, want = [aux[i] for i in HEADER_FIELDS], [expected[i] for i in HEADER_FIELDS]
+    if got != want:
+        raise HandleError(f"{h.name}: header {got} does not match the handle {want} ({what})")

@@ -6,33 +6,30 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
-from typing import TYPE_CHECKING
 
 import torch
 
-from ..block_allocator import blocks_for
-from ..buffers import AUX_WIDTH
-from ..encoder import EncodedPrompt, clip_spans, visual_rows_before
-from ..errors import HandleError, HandleExpiredError, PeerError
-from .handle import GENERATION, HEADER_FIELDS, NONCE, Handle, aux_row
-from .transport import MooncakeTransport
-
-if TYPE_CHECKING:
-    from .puller import Puller
+from qwen3vl_epd.errors import HandleError, HandleExpiredError, PeerError
+from qwen3vl_epd.prompt.encoded import EncodedPrompt, clip_spans, visual_rows_before
+from qwen3vl_epd.transfer.blocks import blocks_for, contiguous_runs
+from qwen3vl_epd.transfer.buffers import AUX_WIDTH
+from qwen3vl_epd.transfer.handle import NONCE, Handle, check_header
+from qwen3vl_epd.transfer.link import PullLink
+from qwen3vl_epd.transfer.transport import MooncakeTransport
 
 
 class PullSession:
     """One handle being read. The engine calls fetch(k) every step until chunk k has arrived; the
-    reads run on the Puller's workers. close() releases the encoder slot."""
+    reads run on the link's workers. close() releases the encoder slot."""
 
-    def __init__(self, puller: Puller, handle: Handle):
-        self.puller, self.handle = puller, handle
-        self.buffers = puller.buffers
-        self.slot = self.buffers.allocate_waiting(0, 0, True, puller.alloc_wait_s, "language")[0]
-        self.probed = handle.peer in puller.good_peers
+    def __init__(self, link: PullLink, handle: Handle):
+        self.link, self.handle = link, handle
+        self.buffers = link.buffers
+        self.slot = self.buffers.allocate_waiting(0, 0, True, link.alloc_wait_s, "language")[0]
+        self.contacted = handle.peer in link.peers.good  # else a first-contact read goes first
         self._job: Future | None = None  # the transfer in flight
         self._job_what, self._job_deadline = "", 0.0
-        self._probe_transport: MooncakeTransport | None = None
+        self._contact_transport: MooncakeTransport | None = None
         self._held = None  # (token blocks, visual blocks) of the chunk in flight or last read
         self._owned = True  # False once the header disagreed: the slot is not ours to release
         self._lock = threading.Lock()
@@ -48,7 +45,7 @@ class PullSession:
 
     @property
     def num_chunks(self) -> int:
-        return blocks_for(self.handle.length, self.puller.chunk_tokens)
+        return blocks_for(self.handle.length, self.link.chunk_tokens)
 
     @property
     def length(self) -> int:
@@ -77,13 +74,13 @@ class PullSession:
                     self._overdue()
                 return None
             job, self._job = self._job, None
-            if job.result() == "probe":
-                self.probed = True
+            if job.result() == "first contact":
+                self.contacted = True
             else:
                 return self._gather(start, end)
-        if not self.probed:
-            self._probe_transport = self.puller.spare()
-            self._start("probe", self._probe)
+        if not self.contacted:
+            self._contact_transport = self.link.peers.spare()
+            self._start("first contact", self._first_contact)
             return None
         h = self.handle
         end = min(end, h.length)
@@ -91,7 +88,7 @@ class PullSession:
         self.release_chunk()
         b = self.buffers
         if wait_for_blocks:
-            got = b.allocate_waiting(end - start, v1 - v0, False, self.puller.alloc_wait_s, "language")
+            got = b.allocate_waiting(end - start, v1 - v0, False, self.link.alloc_wait_s, "language")
         else:
             got = b.allocate(end - start, v1 - v0, False)  # none free: the engine asks again next step
         if got is None:
@@ -102,7 +99,7 @@ class PullSession:
 
     def read_chunk(self, k: int) -> EncodedPrompt:
         """Chunk k of chunk_tokens, waited for (tests, benchmarks, Puller.pull)."""
-        step = self.puller.chunk_tokens
+        step = self.link.chunk_tokens
         while (chunk := self.fetch(k * step, (k + 1) * step, wait_for_blocks=True)) is None:
             wait([self._job], timeout=max(0.0, self._job_deadline - time.monotonic()) + 0.01)
         return chunk
@@ -136,9 +133,9 @@ class PullSession:
                 return None
             self.closed = True
             if self._job is not None and not self._job.done():
-                if self.probed:  # a chunk read: it writes into our blocks and slot until it returns
+                if self.contacted:  # a chunk read: it writes into our blocks and slot until it returns
                     self._job.add_done_callback(lambda _: self._free())
-                else:  # a header probe holds no block and no slot of ours
+                else:  # a first-contact read holds no block and no slot of ours
                     self._free()
                 return None
         self._job = None
@@ -147,13 +144,13 @@ class PullSession:
             return None
         self.release_chunk()
         self.buffers.aux[self.slot, NONCE] = self.handle.nonce
-        return self.puller.submit(self._release)
+        return self.link.submit(self._release)
 
     def _release(self) -> None:
         h = self.handle
         try:
             src = self.buffers.aux[self.slot].data_ptr() + NONCE * 8
-            self.puller.transport.write(h.peer, src, h.addresses["release"] + h.slot * 8, 8, f"release of {h.name}")
+            self.link.transport.write(h.peer, src, h.addresses["release"] + h.slot * 8, 8, f"release of {h.name}")
         except PeerError:
             pass  # the encoder is gone; its TTL reclaim (or its exit) frees the slot
         finally:
@@ -166,41 +163,39 @@ class PullSession:
 
     def _start(self, what: str, fn, *args) -> None:
         self._job_what = f"{what} of {self.handle.name}"
-        self._job_deadline = time.monotonic() + self.puller.timeout_s
-        self._job = self.puller.submit(fn, *args)
+        self._job_deadline = time.monotonic() + self.link.timeout_s
+        self._job = self.link.submit(fn, *args)
 
     def _overdue(self) -> None:
         peer, what = self.handle.peer, self._job_what
-        if not self.probed:  # stuck in Mooncake's handshake: refuse new work for this peer until it returns
-            self.puller.retire(self._probe_transport)
-            self.puller.stalled_peers[peer] = what
-            self._job.add_done_callback(lambda _: self.puller.stalled_peers.pop(peer, None))
-        raise PeerError(f"encoder peer {peer} did not answer within {self.puller.timeout_s:g} s ({what})")
+        if not self.contacted:  # stuck in Mooncake's handshake: refuse new work for this peer until it returns
+            self.link.peers.stall(peer, what, self._contact_transport, self._job)
+        raise PeerError(f"encoder peer {peer} did not answer within {self.link.timeout_s:g} s ({what})")
 
-    def _probe(self) -> str:
+    def _first_contact(self) -> str:
         """First contact with a peer: its header for this handle, read on the spare engine into a row
         of its own. Mooncake's handshake waits 60 s for a peer that accepts and never answers (no
         setting shortens it); there, nothing but other first contacts waits with it."""
-        h, p = self.handle, self.puller
-        transport, row = self._probe_transport, torch.zeros(AUX_WIDTH, dtype=torch.int64)
-        transport.register({"probe": row})
+        h, link = self.handle, self.link
+        transport, row = self._contact_transport, torch.zeros(AUX_WIDTH, dtype=torch.int64)
+        transport.register({"first contact": row})
         try:
             aux_bytes = AUX_WIDTH * 8
             self._transfer([row.data_ptr()], [h.addresses["aux"] + h.slot * aux_bytes], [aux_bytes], transport)
             self._check_aux(row.tolist())
         finally:
-            transport.unregister({"probe": row})
-        p.good_peers.add(h.peer)
-        with p.stats.lock:
-            p.stats.probes += 1
-        return "probe"
+            transport.unregister({"first contact": row})
+        link.peers.good.add(h.peer)
+        with link.stats.lock:
+            link.stats.first_contacts += 1
+        return "first contact"
 
     def _read(self, start, end, v0, v1, tok, vis) -> str:
         h, b = self.handle, self.buffers
         local, remote, lengths = [], [], []
 
         def add(name, row_bytes, remote_blocks, remote_block, local_blocks, local_block, first, n):
-            for r, l, count in _runs(remote_blocks, remote_block, first, local_blocks, local_block, n):
+            for r, l, count in contiguous_runs(remote_blocks, remote_block, first, local_blocks, local_block, n):
                 local.append(getattr(b, name).data_ptr() + l * row_bytes)
                 remote.append(h.addresses[name] + r * row_bytes)
                 lengths.append(count * row_bytes)
@@ -227,12 +222,12 @@ class PullSession:
     def _transfer(self, local, remote, lengths, transport: MooncakeTransport | None = None) -> None:
         t0 = time.perf_counter()
         try:
-            (transport or self.puller.transport).read(self.handle.peer, local, remote, lengths, self._job_what)
+            (transport or self.link.transport).read(self.handle.peer, local, remote, lengths, self._job_what)
         except PeerError:
-            self.puller.good_peers.discard(self.handle.peer)
+            self.link.peers.good.discard(self.handle.peer)
             self._owned = False  # no release write to a peer that just failed: its TTL reclaims the slot
             raise
-        self.puller.stats.add(sum(lengths), len(lengths), time.perf_counter() - t0)
+        self.link.stats.add(sum(lengths), len(lengths), time.perf_counter() - t0)
 
     def _gather(self, start: int, end: int) -> EncodedPrompt:
         h = self.handle
@@ -245,32 +240,8 @@ class PullSession:
         )
 
     def _check_aux(self, aux: list[int]) -> None:
-        h, what = self.handle, self._job_what
-        if aux[GENERATION] != h.generation:
-            self._owned = False
-            raise HandleExpiredError(
-                f"{h.name} expired: the encoder reclaimed slot {h.slot} (now generation {aux[GENERATION]}); "
-                f"it was already released or outlived handle_ttl_s ({what})")
-        if aux[NONCE] != h.nonce:
-            self._owned = False
-            raise HandleError(f"{h.name}: nonce mismatch, the handle is forged or reused ({what})")
-        expected = aux_row(h)
-        got, want = [aux[i] for i in HEADER_FIELDS], [expected[i] for i in HEADER_FIELDS]
-        if got != want:
-            self._owned = False
-            raise HandleError(f"{h.name}: header {got} does not match the handle {want} ({what})")
-
-
-def _runs(remote_blocks, remote_block, first, local_blocks, local_block, n):
-    """(remote row, local row, count) runs contiguous on both sides: remote rows first.., local 0.."""
-    out, r, l = [], first, 0
-    while l < n:
-        rp = remote_blocks[r // remote_block] * remote_block + r % remote_block
-        lp = local_blocks[l // local_block] * local_block + l % local_block
-        count = min(remote_block - r % remote_block, local_block - l % local_block, n - l)
-        if out and out[-1][0] + out[-1][2] == rp and out[-1][1] + out[-1][2] == lp:
-            out[-1][2] += count
-        else:
-            out.append([rp, lp, count])
-        r, l = r + count, l + count
-    return out
+        try:
+            check_header(self.handle, aux, self._job_what)
+        except (HandleError, HandleExpiredError):
+            self._owned = False  # the slot is not ours to release
+            raise

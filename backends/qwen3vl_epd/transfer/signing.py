@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from qwen3vl_epd.procfs import stat_fields
+
 ENV_KEY, ENV_KEY_FILE = "EPD_HANDLE_KEY", "EPD_HANDLE_KEY_FILE"
 MIN_KEY_BYTES = 16
 
@@ -99,7 +101,7 @@ def server_key() -> Path:
     the parent process (pid and start time), created once by whichever model process comes first."""
     ppid = os.getppid()
     try:
-        start = Path(f"/proc/{ppid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        start = stat_fields(ppid)[19]
     except OSError:
         start = "0"
     path = Path(tempfile.gettempdir()) / f"epd-handle-key-{os.getuid()}-{ppid}-{start}"

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..buffers import MultimodalDataBuffers
-from ..encoder import EncodedPrompt
-from .handle import GENERATION, Handle, aux_row, dtype_name
-from .signing import HandleKeys
-from .transport import MooncakeTransport
+from qwen3vl_epd.prompt.encoded import EncodedPrompt
+from qwen3vl_epd.transfer.buffers import MultimodalDataBuffers
+from qwen3vl_epd.transfer.handle import GENERATION, Handle, aux_row, dtype_name
+from qwen3vl_epd.transfer.signing import HandleKeys
+from qwen3vl_epd.transfer.transport import MooncakeTransport
 
 
 @dataclass

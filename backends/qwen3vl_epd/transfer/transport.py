@@ -8,7 +8,8 @@ import socket
 
 import torch
 
-from ..errors import PeerError
+from qwen3vl_epd.errors import PeerError
+from qwen3vl_epd.settings import Settings
 
 
 class MooncakeTransport:
@@ -26,6 +27,11 @@ class MooncakeTransport:
         if rc != 0:
             raise RuntimeError(f"Mooncake initialize({host!r}, {metadata_server!r}, {protocol!r}) failed: {rc}")
         self.session_id = f"{host}:{self.engine.get_rpc_port()}"
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> MooncakeTransport:
+        return cls(s.mooncake_host, s.mooncake_protocol, s.mooncake_device, s.mooncake_metadata_server,
+                   timeout_s=s.transfer_timeout_s, ports=s.mooncake_ports)
 
     def spare(self) -> MooncakeTransport:
         """Another engine with the same options. One engine's calls all wait while any of them is

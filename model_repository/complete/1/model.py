@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from qwen3vl_epd import triton_adapter as ta
-from qwen3vl_epd.triton_io import OUTPUTS, PROMPT_INPUTS, SAMPLING_INPUTS
+from qwen3vl_epd.triton_backend import adapter as ta
+from qwen3vl_epd.wire import OUTPUTS, PROMPT_INPUTS, SAMPLING_INPUTS
 
 
 def _run(request):
@@ -16,7 +16,7 @@ def _run(request):
     for response in generate.exec(decoupled=True):
         if response.has_error():
             # BLS hands every error back as INTERNAL; the code the language model gave it is in
-            # the message (triton_io.CODE_PREFIX), and error_response keeps that one.
+            # the message (wire.CODE_PREFIX), and error_response keeps that one.
             return ta.error_response(response.error().message())
         if pb_utils.get_output_tensor_by_name(response, "text_output") is not None:
             return pb_utils.InferenceResponse(

@@ -1,27 +1,19 @@
 """Triton adapter of the encoder: requests → qwen3vl_epd EncoderService → handles (BYTES)."""
 
-from qwen3vl_epd import triton_adapter as ta
+from qwen3vl_epd.encoder.service import EncodeJob, EncoderService
 from qwen3vl_epd.errors import EpdError
-from qwen3vl_epd.serving import EncodeRequest, EncoderService
-from qwen3vl_epd.triton_io import prompt_fields, sampling_fields
-
-COUNTERS = {
-    "seconds": ("epd_encode_seconds_total", "Seconds spent encoding (decode, vision tower, staging)"),
-    "requests": ("epd_encode_requests_total", "Requests the encoder processed (including rejected ones)"),
-    "images": ("epd_vision_images_total", "Images through the vision tower (cache hits and repeats within a "
-               "batch are not)"),
-    "hits": ("epd_encoder_cache_hits_total", "Images found in the encoder cache (no decode, no vision forward)"),
-    "misses": ("epd_encoder_cache_misses_total", "Images looked up in the encoder cache and not found"),
-}
-GAUGES = {"cache_bytes": ("epd_encoder_cache_bytes", "Bytes of encoder outputs held in the encoder cache")}
+from qwen3vl_epd.settings import EncoderSettings
+from qwen3vl_epd.triton_backend import adapter as ta
+from qwen3vl_epd.triton_backend import metrics as m
+from qwen3vl_epd.triton_backend.inputs import byte_items, first, sampling_fields, text_field
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = ta.model_config(args)
+        config, settings = ta.start(args, EncoderSettings)
         self.outputs = ta.Outputs(config)
-        self.metrics = ta.Metrics("encoder", ["slots", "token_blocks", "visual_blocks"], COUNTERS, gauges=GAUGES)
-        self.service = EncoderService(ta.settings(config), on_tick=self._metrics)
+        self.metrics = m.Metrics("encoder", m.ENCODER_POOLS, m.ENCODER_COUNTERS, gauges=m.ENCODER_GAUGES)
+        self.service = EncoderService(settings, on_tick=self._metrics)
 
     def _metrics(self):
         """On the service's background thread, off the request path."""
@@ -35,10 +27,12 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             get = lambda name, r=request: ta.read(r, name)  # noqa: E731
             try:
-                parsed.append((i, EncodeRequest(*prompt_fields(get), sampling_fields(get))))
+                job = EncodeJob(text_field(get, "text_input"), byte_items(get("image")),
+                                bool(first(get("raw_prompt")) or False), sampling_fields(get))
+                parsed.append((i, job))
             except EpdError as e:
                 responses[i] = ta.exception_response(e)
-        results = self.service.encode([r for _, r in parsed])
+        results = self.service.encode([job for _, job in parsed])
         for (i, _), result in zip(parsed, results):
             if isinstance(result, Exception):
                 responses[i] = ta.exception_response(result)

@@ -1,0 +1,1 @@
+"""Checkpoints: safetensors reading, the architecture a checkpoint names, the embedded tiny one."""

@@ -1,0 +1,84 @@
+"""Hugging Face checkpoint reading and per-half weight loading.
+
+python -m qwen3vl_epd.checkpoint --tiny DIR [--dense] writes the embedded tiny checkpoint
+(checkpoint/tiny.py; --dense: the dense Qwen3-VL architecture instead of the MoE one)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig
+
+VISION_PREFIX = "model.visual."
+TEXT_PREFIX = "model.language_model."
+LM_HEAD_PREFIX = "lm_head."
+
+# Hub checkpoints store the fused MoE experts transposed ([E, H, 2I] / [E, I, H]) while
+# transformers writes the module layout; like transformers' conversion_mapping "qwen3_vl_moe"
+# (Transpose(1, 2, check_dims=True)) we transpose only when the stored shape asks for it.
+_EXPERT_SUFFIXES = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+def load_config(checkpoint_dir: str | os.PathLike):
+    """The checkpoint's Qwen3VLMoeConfig; a missing checkpoint is one clear error."""
+    if not (Path(checkpoint_dir) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {checkpoint_dir} (no config.json): set EPD_CHECKPOINT to a local Qwen3-VL "
+            "checkpoint directory, or build the embedded tiny one with scripts/setup")
+    return AutoConfig.from_pretrained(str(checkpoint_dir), local_files_only=True)
+
+
+class CheckpointReader:
+    """Reads selected tensors from a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, checkpoint_dir: str | os.PathLike):
+        self.dir = Path(checkpoint_dir)
+        index = self.dir / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.dir / f for name, f in weight_map.items()}
+        else:
+            single = self.dir / "model.safetensors"
+            if not single.exists():
+                raise FileNotFoundError(f"no model.safetensors or index in {self.dir}")
+            with safe_open(str(single), framework="pt") as f:
+                self.files = {name: single for name in f.keys()}
+
+    def names(self, prefixes: tuple[str, ...]) -> list[str]:
+        """All tensor names starting with one of `prefixes`."""
+        return sorted(n for n in self.files if n.startswith(prefixes))
+
+    def load(self, prefixes: tuple[str, ...], strip: str = "", dtype: torch.dtype | None = None) -> dict:
+        """Tensors whose names start with `prefixes`, read one shard at a time, `strip` removed."""
+        by_file: dict[Path, list[str]] = {}
+        for name in self.names(prefixes):
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name in names:
+                    t = f.get_tensor(name)
+                    if dtype is not None and t.is_floating_point():
+                        t = t.to(dtype)
+                    out[name[len(strip):] if strip and name.startswith(strip) else name] = t
+        return out
+
+
+def materialize(module: torch.nn.Module, state: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load `state` into a module built on the meta device; recompute non-persistent buffers."""
+    expected = module.state_dict()
+    for name, t in state.items():
+        want = expected[name].shape if name in expected else None
+        if name.endswith(_EXPERT_SUFFIXES) and want is not None and t.shape != want:
+            state[name] = t.transpose(1, 2).contiguous()
+    module.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (rotary inv_freq) are not in checkpoints; rebuild them on the device.
+    for sub in module.modules():
+        for name, buf in list(sub.named_buffers(recurse=False)):
+            if buf.is_meta:
+                fresh = type(sub)(sub.config).to(device)
+                sub.register_buffer(name, getattr(fresh, name), persistent=False)
+    return module.to(device)

@@ -1,0 +1,97 @@
+"""EncoderService: the encoder half without Triton (prompt + images → a signed handle)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from qwen3vl_epd.encoder.cache import EncoderCache
+from qwen3vl_epd.encoder.vision import VisionEncoder
+from qwen3vl_epd.errors import EpdError, InvalidInputError
+from qwen3vl_epd.language.sampling import sampling_params
+from qwen3vl_epd.prompt.images import Limits
+from qwen3vl_epd.prompt.processor import Processor
+from qwen3vl_epd.settings import EncoderSettings, Settings
+from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
+from qwen3vl_epd.transfer.signing import HandleKeys
+from qwen3vl_epd.transfer.stager import Stager
+from qwen3vl_epd.transfer.transport import MooncakeTransport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeJob:
+    """One encode request as the encoder model receives it (from a language server's pool)."""
+
+    text: str | None  # None: the required field is missing
+    images: list[bytes] = field(default_factory=list)
+    raw_prompt: bool = False
+    sampling: dict = field(default_factory=dict)  # checked here so a bad request costs no image work
+
+
+def check_request(text: str | None, sampling: dict, settings: Settings | None = None) -> None:
+    """The request's own fields (text_input present, sampling in range); InvalidInputError if not."""
+    s = settings or Settings()
+    if text is None:
+        raise InvalidInputError("text_input: required input is missing")
+    sampling_params(s.default_max_tokens, s.max_tokens_limit, **sampling)
+
+
+class EncoderService:
+    """Processor + vision tower + Stager; a background thread reclaims released and expired slots
+    (and reports metrics, which keeps their round trips to the server off the request path)."""
+
+    def __init__(self, settings: EncoderSettings, reclaim_interval_s: float = 0.02,
+                 on_tick: Callable[[], None] = lambda: None):
+        self.settings = s = settings
+        s.apply_threads()
+        self.on_tick = on_tick  # called from the background thread after each reclaim (metrics)
+        self.processor = Processor(s.checkpoint_dir, Limits.of(s))
+        self.encoder = VisionEncoder(s.checkpoint_dir, s.torch_dtype(self.processor.config), s.device)
+        self.buffers = MultimodalDataBuffers(self.encoder.hidden_size, self.encoder.num_deepstack, self.encoder.dtype,
+                                             BufferConfig.of(s), s.device)
+        self.cache = EncoderCache(int(s.encoder_cache_mb * 2**20)) if s.encoder_cache_mb > 0 else None
+        self.stager = Stager(self.buffers, MooncakeTransport.from_settings(s), HandleKeys.load(s.handle_key_file),
+                             handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
+        self.encode_seconds, self.encode_count = 0.0, 0
+        self._stop = threading.Event()
+        self._reclaimer = threading.Thread(target=self._reclaim_loop, args=(reclaim_interval_s,), daemon=True)
+        self._reclaimer.start()
+        log.info("encoder ready: checkpoint %s, dtype %s, device %s, staging pools %s; settings: %s",
+                 s.checkpoint_dir, self.encoder.dtype, s.device, self.buffers.capacity(), s.summary())
+
+    def _reclaim_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.stager.reclaim()
+            self.on_tick()
+
+    def encode(self, jobs: list[EncodeJob]) -> list[bytes | EpdError]:
+        """Handles (or errors) for a batch: one packed vision forward; a bad request fails alone."""
+        t0 = time.perf_counter()
+        results: list[bytes | EpdError | None] = [None] * len(jobs)
+        processed = {}
+        s = self.settings
+        for i, r in enumerate(jobs):
+            try:
+                check_request(r.text, r.sampling, s)
+                processed[i] = self.processor.process(r.text, r.images, r.raw_prompt, self.cache)
+            except EpdError as e:
+                results[i] = e
+        encoded = self.encoder.encode(list(processed.values()), self.cache)
+        for i, prompt in zip(processed, encoded):
+            try:
+                results[i] = self.stager.stage(prompt)
+            except EpdError as e:
+                results[i] = e
+        self.encode_seconds += time.perf_counter() - t0
+        self.encode_count += len(jobs)
+        return results
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reclaimer.join()
+        self.stager.close()

@@ -1,0 +1,125 @@
+"""Scheduler: the one owner of a sequence's lifecycle. Admission by KV capacity, a per-step token
+budget with decodes first, and every status change: WAITING → PREFILL → DECODE → FINISHED."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from qwen3vl_epd.errors import EpdError
+from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
+from qwen3vl_epd.language.engine.sequence import Sequence, Status
+from qwen3vl_epd.language.request import Piece
+from qwen3vl_epd.language.sampling import finish_reason
+from qwen3vl_epd.settings import Settings
+
+
+class Scheduler:
+    """FCFS admission. A sequence reserves KV for its prompt plus max_tokens when admitted (less
+    the blocks of its prefix already cached), so a running sequence never runs out of KV and
+    nothing is ever preempted: preempting would mean recomputing the prompt, whose multimodal rows
+    were already released to the encoder. When KV is full, new requests wait."""
+
+    def __init__(self, kv: PagedKVCache, config: Settings, eos_ids: set[int]):
+        self.kv, self.eos_ids = kv, eos_ids
+        self.max_batched_tokens, self.max_running = max(config.max_batched_tokens, 1), config.max_running
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    def add(self, seq: Sequence) -> None:
+        if seq.probe:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def all(self) -> list[Sequence]:
+        return [*self.running, *self.waiting]
+
+    def admit(self) -> list[Sequence]:
+        """WAITING → PREFILL, first come first served (probes first, beyond max_running), while KV and
+        max_running allow; the admitted."""
+        admitted = []
+        while self.waiting and (len(self.running) < self.max_running or self.waiting[0].probe):
+            head = self.waiting[0]
+            kv = self.kv.allocate_sequence(head.kv_reservation, head.block_hashes, head.prompt_len)
+            if kv is None:
+                break
+            seq = self.waiting.popleft()
+            seq.kv, seq.status = kv, Status.PREFILL
+            seq.prefilled = seq.cached_tokens = kv.length
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def prefilling(self) -> list[Sequence]:
+        """Admitted sequences whose next prompt chunk has not arrived yet."""
+        return [s for s in self.running if s.status is Status.PREFILL and s.rows is None]
+
+    def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(sequences that run their next prompt chunk, which has arrived, and sequences that decode
+        one token) this step: decodes first, then chunks while the token budget lasts."""
+        decodes = [s for s in self.running if s.status is Status.DECODE]
+        budget = self.max_batched_tokens - len(decodes)
+        prefills = []
+        for s in self.running:
+            if s.status is Status.PREFILL and s.rows is not None:
+                n = s.next_chunk_tokens()
+                if n <= budget or not (prefills or decodes):  # a too-large chunk still runs alone
+                    prefills.append(s)
+                    budget -= n
+        return prefills, decodes
+
+    def postprocess(self, prefilled: list[Sequence], sampled: list[Sequence],
+                    tokens: list[int]) -> list[tuple[Sequence, Piece]]:
+        """After a forward: advance prompt chunks, append each sampled token, apply the finish rule;
+        the pieces to send, in order."""
+        for seq in prefilled:
+            seq.prefilled += seq.next_chunk_tokens()
+            seq.rows = None
+            self.kv.publish(seq.kv, seq.block_hashes)  # its full prompt blocks, for later requests
+            if seq.prefilled == seq.prompt_len:
+                seq.status = Status.DECODE
+            if seq.source is not None:
+                seq.source.release_chunk()
+                if seq.status is Status.DECODE:
+                    seq.source.close()  # prompt done: the encoder may reuse its blocks now
+        out = []
+        for seq, token in zip(sampled, tokens):
+            if not seq.tokens:
+                seq.first_token_at = time.perf_counter()
+            seq.tokens.append(token)
+            eos = token in self.eos_ids
+            text = "" if eos and not seq.params.ignore_eos else seq.detokenizer.add(token)
+            reason = finish_reason(seq.params, eos, len(seq.tokens), seq.detokenizer.stopped)
+            if reason:
+                out.append((seq, self.finish(seq, reason, text=text)))
+            elif text:
+                out.append((seq, seq.piece(text)))
+        return out
+
+    def answer_probes(self) -> list[tuple[Sequence, Piece]]:
+        """After a forward: the probes still waiting (no KV free for them) end, answered by it. They
+        are queued first, so only the head of the queue is looked at (this runs every step)."""
+        out = []
+        while self.waiting and self.waiting[0].probe:
+            seq = self.waiting[0]
+            out.append((seq, self.finish(seq, "probe")))
+        return out
+
+    def finish(self, seq: Sequence, reason: str | None, error: EpdError | None = None, text: str = "") -> Piece:
+        """FINISHED: free the sequence's KV and its encoder slot; its last piece."""
+        seq.status, seq.rows = Status.FINISHED, None
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.kv is not None:
+            seq.kv.free()
+        if seq.source is not None:
+            seq.source.close()
+        if error is None and reason != "cancelled":
+            text += seq.detokenizer.flush()
+        return seq.piece(text, reason, error)

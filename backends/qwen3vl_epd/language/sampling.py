@@ -1,0 +1,89 @@
+"""Per-request sampling: greedy by default; temperature, top-k, top-p; seeded generators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qwen3vl_epd.errors import InvalidInputError
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings of one request; temperature 0 means greedy."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+
+    def validate(self, max_tokens_limit: int) -> SamplingParams:
+        """InvalidInputError naming the field and its limit."""
+        if not 0 < self.max_tokens <= max_tokens_limit:
+            raise InvalidInputError(f"max_tokens: {self.max_tokens} is outside 1..{max_tokens_limit}")
+        if not self.temperature >= 0:
+            raise InvalidInputError(f"temperature: {self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInputError(f"top_p: {self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise InvalidInputError(f"top_k: {self.top_k} must be >= 0 (0 turns it off)")
+        return self
+
+
+def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=None, temperature=None,
+                    top_p=None, top_k=None, seed=None, stop=None, ignore_eos=None) -> SamplingParams:
+    """Request fields (None: default) → validated SamplingParams."""
+    return SamplingParams(
+        max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
+        temperature=0.0 if temperature is None else float(temperature),
+        top_p=1.0 if top_p is None else float(top_p),
+        top_k=0 if top_k is None else int(top_k),
+        seed=None if seed is None else int(seed),
+        stop=list(stop or []),
+        ignore_eos=bool(ignore_eos),
+    ).validate(max_tokens_limit)
+
+
+def finish_reason(params: SamplingParams, eos: bool, num_tokens: int, stop_string: bool = False) -> str | None:
+    """The finish rule, after a sequence's num_tokens-th output token: "stop" for EOS (unless
+    ignore_eos) or a stop string, "length" at max_tokens, else None (it goes on)."""
+    if (eos and not params.ignore_eos) or stop_string:
+        return "stop"
+    if num_tokens >= params.max_tokens:
+        return "length"
+    return None
+
+
+class Sampler:
+    """Picks the next token of one sequence; its generator makes seeded runs reproducible."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = None
+        if params.temperature > 0:
+            self.generator = torch.Generator()
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed)
+            else:
+                self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """Next token id from a [vocab] logits row."""
+        p = self.params
+        if p.temperature <= 0:
+            return int(torch.argmax(logits))
+        logits = logits.float() / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p  # keep the token that crosses top_p
+            logits[order[drop]] = float("-inf")
+        probs = torch.softmax(logits, -1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,1 @@
+"""The prompt contract both sides share: the encoded prompt, processing, images, messages, prefix hashes."""

@@ -1,0 +1,86 @@
+"""Image inputs: data URLs and raw bytes decoded to RGB within the request's limits."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_transforms import convert_to_rgb
+
+from qwen3vl_epd.errors import ImageDecodeError, ImageTooLargeError
+from qwen3vl_epd.settings import EncoderSettings, Settings
+
+
+@dataclass
+class Limits:
+    """Per-request input limits; every violation names the limit in its error."""
+
+    max_image_bytes: int = EncoderSettings.max_image_bytes
+    max_image_pixels: int = EncoderSettings.max_image_pixels  # checked from the header, before any pixel is decoded
+    max_images: int = EncoderSettings.max_images
+    max_prompt_tokens: int = Settings.max_model_len
+
+    @classmethod
+    def of(cls, s: Settings) -> Limits:
+        """A side's limits (the language side sends images on unread: their limits are the encoder's)."""
+        images = {k: getattr(s, k) for k in ("max_image_bytes", "max_image_pixels", "max_images") if hasattr(s, k)}
+        return cls(**images, max_prompt_tokens=s.max_model_len)
+
+
+def image_data(data: bytes, index: int, limits: Limits) -> bytes:
+    """An `image` element's raw bytes (a base64 data URL decoded), within the encoded-bytes limit."""
+    if data[:5] == b"data:" and b";base64," in data[:100]:
+        try:
+            data = base64.b64decode(data.split(b";base64,", 1)[1], validate=True)
+        except binascii.Error:
+            raise ImageDecodeError(index, "cannot decode image: invalid base64 in data URL") from None
+    if len(data) > limits.max_image_bytes:
+        raise ImageTooLargeError(
+            index, f"{len(data)} bytes is over the limit of {limits.max_image_bytes} encoded bytes"
+        )
+    if not data:
+        raise ImageDecodeError(index, "cannot decode image: it is empty (0 bytes)")
+    return data
+
+
+def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Raw JPEG/PNG/WebP bytes (or a base64 data URL, for JSON clients) → RGB image, enforcing
+    byte and pixel limits before decoding."""
+    return decode_raw(image_data(data, index, limits), index, limits)
+
+
+def decode_raw(data: bytes, index: int, limits: Limits) -> Image.Image:
+    """Raw image bytes already within the byte limit (image_data) → RGB image."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(
+            index, f"over the pixel limit of {limits.max_image_pixels}, rejected from the header: {e}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(index, "cannot decode image: not a JPEG, PNG or WebP file") from None
+    except (OSError, ValueError) as e:
+        raise ImageDecodeError(index, f"cannot decode image: {e}") from None
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise ImageTooLargeError(
+            index, f"{width}x{height} = {width * height} pixels is over the pixel limit of {limits.max_image_pixels}"
+        )
+    try:
+        image.seek(0)  # animated images: the first frame
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(index, f"cannot decode image: {e}") from None
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale: scale to 8 bits; PIL's own convert would clip everything above 255.
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))

@@ -1,0 +1,97 @@
+"""The `messages` input: a conversation in the OpenAI chat layout → turns for the chat template
+plus the images in the order the template places them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qwen3vl_epd.errors import InvalidInputError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Conversation:
+    """Turns whose image parts are all {"type": "image"}, and the images they stand for, in order."""
+
+    turns: list[dict]
+    images: list[bytes]
+
+
+def parse_messages(text: str, images: Sequence[bytes] = ()) -> Conversation:
+    """JSON conversation + the request's `image` elements → Conversation; InvalidInputError naming
+    the turn and part when something is wrong. An image part is {"type": "image", "image": N} (an
+    element of `image`; without N: the next one in order), or carries a data: URL in "image" or
+    OpenAI's {"type": "image_url", "image_url": {"url": ...}}."""
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"messages: not valid JSON: {e}") from None
+    if not isinstance(messages, list) or not messages:
+        raise InvalidInputError("messages: must be a non-empty JSON array of turns")
+    picked: list[bytes] = []
+    used: set[int] = set()
+    implicit = 0
+    turns = []
+    for t, turn in enumerate(messages):
+        where = f"messages: turn {t}"
+        if not isinstance(turn, dict):
+            raise InvalidInputError(f"{where}: must be an object with role and content")
+        role = turn.get("role")
+        if role not in ROLES:
+            raise InvalidInputError(f"{where}: unknown role {role!r} (one of {', '.join(ROLES)})")
+        content = turn.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, str):
+            turns.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InvalidInputError(f"{where} ({role}): content must be a string or a list of parts")
+        parts = []
+        for p, part in enumerate(content):
+            at = f"{where} ({role}) part {p}"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise InvalidInputError(f"{at}: a text part needs a string 'text'")
+                parts.append({"type": "text", "text": part["text"]})
+                continue
+            if kind not in ("image", "image_url"):
+                raise InvalidInputError(f"{at}: unsupported part type {kind!r} (text, image, image_url)")
+            ref = _image_ref(part, at)
+            if ref is None:
+                ref, implicit = implicit, implicit + 1
+            if isinstance(ref, int):
+                if not 0 <= ref < len(images):
+                    raise InvalidInputError(f"{at}: image index {ref} is out of range ({len(images)} images sent)")
+                used.add(ref)
+                picked.append(images[ref])
+            else:
+                picked.append(ref)
+            parts.append({"type": "image"})
+        turns.append({"role": role, "content": parts})
+    if len(used) != len(images):
+        unused = sorted(set(range(len(images))) - used)
+        raise InvalidInputError(f"image: elements {unused} of {len(images)} are not used by any messages part")
+    return Conversation(turns, picked)
+
+
+def _image_ref(part: dict, at: str) -> int | bytes | None:
+    """An image part's reference: an index into `image`, data: URL bytes, or None (the next one)."""
+    value = part.get("image")
+    if part["type"] == "image_url":
+        value = part.get("image_url")
+        value = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(value, str):
+            raise InvalidInputError(f"{at}: an image_url part needs image_url.url")
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.startswith("data:"):
+        return value.encode()
+    if isinstance(value, str) and value.startswith(("http://", "https://")):
+        raise InvalidInputError(f"{at}: remote image URLs are not fetched by the model; send the image "
+                                "bytes in `image` or a data: URL (the OpenAI door can fetch them when enabled)")
+    raise InvalidInputError(f"{at}: an image is an index into `image` or a data: URL")
