@@ -1,5 +1,5 @@
 """aiperf (NVIDIA's successor to genai-perf) against a supervised server, synthetic images, both
-doors in one run: the OpenAI door (`--endpoint-type chat`) and Triton's `generate_stream` on
+endpoints in one run: the OpenAI server (`--endpoint-type chat`) and Triton's `generate_stream` on
 `language` (aiperf's template endpoint). aiperf is installed on first use into .venv-aiperf/
 (its own environment: it pins packages of its own).
 
@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from tritonserver import TritonServer  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from support.tritonserver import TritonServer  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from goals import verdict  # noqa: E402
@@ -37,14 +37,14 @@ def aiperf() -> Path:
     return binary
 
 
-def profile(binary: Path, out: Path, door: list[str], args) -> dict:
+def profile(binary: Path, out: Path, endpoint: list[str], args) -> dict:
     """One aiperf run; its JSON summary."""
     common = ["--model", "tiny", "--streaming", "--tokenizer", str(ROOT / "checkpoints" / "tiny"),
               "--image-width-mean", str(args.image), "--image-height-mean", str(args.image), "--image-format", "jpeg",
               "--synthetic-input-tokens-mean", str(args.isl), "--output-tokens-mean", str(args.osl),
               "--concurrency", str(args.concurrency), "--request-count", str(args.requests),
               "--warmup-request-count", "4", "--random-seed", "1", "--ui-type", "none", "--artifact-dir", str(out)]
-    subprocess.run([binary, "profile", *door, *common], check=True, cwd=out.parent, stdout=subprocess.DEVNULL)
+    subprocess.run([binary, "profile", *endpoint, *common], check=True, cwd=out.parent, stdout=subprocess.DEVNULL)
     return json.loads((out / "profile_export_aiperf.json").read_text())
 
 
@@ -61,20 +61,20 @@ def main() -> None:
     (work / "generate_stream.jinja").write_text(TEMPLATE)
     server = TritonServer(work / "server.log", supervised=True)
     try:
-        doors = {
-            "OpenAI door, chat": ["--url", f"http://127.0.0.1:{server.openai}", "--endpoint-type", "chat",
+        endpoints = {
+            "OpenAI server, chat": ["--url", f"http://127.0.0.1:{server.openai}", "--endpoint-type", "chat",
                                   "--use-server-token-count", "--extra-inputs", "ignore_eos:true"],
             "Triton generate_stream": ["--url", f"http://{server.http_url}", "--endpoint-type", "template",
                                        "--custom-endpoint", "/v2/models/language/generate_stream",
                                        "--extra-inputs", "payload_template:generate_stream.jinja",
                                        "--extra-inputs", "response_field:text_output"],
         }
-        results = {name: profile(binary, work / name.split()[0], door, args) for name, door in doors.items()}
+        results = {name: profile(binary, work / name.split()[0], endpoint, args) for name, endpoint in endpoints.items()}
     finally:
         server.stop()
     print(f"aiperf, {args.requests} requests at concurrency {args.concurrency}, one {args.image}x{args.image} "
           f"JPEG + {args.isl} tokens in, {args.osl} out (avg; p99 in brackets)\n")
-    print("| door | " + " | ".join(label for _, label in METRICS) + " |")
+    print("| endpoint | " + " | ".join(label for _, label in METRICS) + " |")
     print("|---|" + "---|" * len(METRICS))
     for name, r in results.items():
         cells = [f"{r[k]['avg']:.1f}" + (f" ({r[k]['p99']:.1f})" if r[k].get("p99") is not None else "")

@@ -1,8 +1,8 @@
-"""Tokens wasted by cancelled requests: 20 gRPC streams through the client door (`language`),
+"""Tokens wasted by cancelled requests: 20 gRPC streams through the client entry (`language`),
 each cancelled after its first token; waste = tokens the engine generated for them minus the
 tokens their clients had received when they cancelled. Also through `ensemble`, whose
 tritonserver 2.51 scheduler cannot pass a cancellation on into a running step. And through the
-OpenAI door (HTTP streams closed after their first content chunk), where the waste counted is what
+OpenAI server (HTTP streams closed after their first content chunk), where the waste counted is what
 the engine generated after the last connection closed.
 
 Run: .venv/bin/python bench/cancel.py [--streams 20] [--max-tokens 512]
@@ -21,13 +21,12 @@ import urllib.parse
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 import tritonclient.grpc as grpcclient  # noqa: E402
 from goals import verdict  # noqa: E402
-from tritonserver import TritonServer, start_openai_door  # noqa: E402
 
 from qwen3vl_epd.wire import request_inputs  # noqa: E402
+from support.tritonserver import TritonServer, start_openai_server  # noqa: E402
 
 
 def storm(server: TritonServer, model: str, streams: int, max_tokens: int) -> float:
@@ -83,8 +82,8 @@ def settle(produced) -> None:
 
 
 def openai_storm(server: TritonServer, streams: int, max_tokens: int) -> float:
-    """Mean tokens generated per stream after its HTTP connection to the OpenAI door closed."""
-    door, base = start_openai_door(server.grpc_url)
+    """Mean tokens generated per stream after its HTTP connection to the OpenAI server closed."""
+    openai, base = start_openai_server(server.grpc_url)
     port = urllib.parse.urlsplit(base).port
     produced = lambda: server.metric_values("epd_output_tokens_total")[""]  # noqa: E731
     try:
@@ -110,8 +109,8 @@ def openai_storm(server: TritonServer, streams: int, max_tokens: int) -> float:
         settle(produced)
         return (produced() - at_close) / streams
     finally:
-        door.terminate()
-        door.wait(15)
+        openai.terminate()
+        openai.wait(15)
 
 
 def main() -> None:
@@ -121,13 +120,13 @@ def main() -> None:
     args = ap.parse_args()
     server = TritonServer(Path(tempfile.mkdtemp(prefix="epd-cancel-")) / "server.log")
     try:
-        door = storm(server, "language", args.streams, args.max_tokens)
+        language = storm(server, "language", args.streams, args.max_tokens)
         ensemble = storm(server, "ensemble", args.streams, args.max_tokens)
         oai = openai_storm(server, args.streams, args.max_tokens)
-        print(f"| door | wasted tokens per cancelled stream ({args.streams} streams, max_tokens {args.max_tokens}) |\n"
-              f"|---|---|\n| language | {door:.1f} |\n| ensemble | {ensemble:.1f} |\n"
-              f"| OpenAI door (after the close) | {oai:.1f} |")
-        print(f"goal: cancel_waste_tokens_language {door:.2f} (target <= 2) {verdict(door, '<=', 2)}")
+        print(f"| endpoint | wasted tokens per cancelled stream ({args.streams} streams, max_tokens {args.max_tokens}) |\n"
+              f"|---|---|\n| language | {language:.1f} |\n| ensemble | {ensemble:.1f} |\n"
+              f"| OpenAI server (after the close) | {oai:.1f} |")
+        print(f"goal: cancel_waste_tokens_language {language:.2f} (target <= 2) {verdict(language, '<=', 2)}")
         print(f"goal: cancel_waste_tokens_openai {oai:.2f} (target <= 2) {verdict(oai, '<=', 2)}")
     finally:
         server.stop()

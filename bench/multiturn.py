@@ -18,13 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from fixtures import noise_jpeg  # noqa: E402
 from goals import verdict  # noqa: E402
-from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 from client import data_url, generate  # noqa: E402
+from support.prompts import noise_jpeg  # noqa: E402
+from support.tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 QUESTIONS = ["Describe this image.", "What colors stand out?", "Is there any text in it?", "Summarize in one line."]
 MAX_TOKENS = 16

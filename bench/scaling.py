@@ -19,14 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
-from fixtures import noise_jpeg  # noqa: E402
 from goals import verdict  # noqa: E402
-from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 from client import generate, text_of  # noqa: E402
 from qwen3vl_epd.transfer.signing import new_key  # noqa: E402
+from support.prompts import noise_jpeg  # noqa: E402
+from support.tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 
 def images_per_second(url: str, images: list[bytes], concurrency: int) -> float:

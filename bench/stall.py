@@ -15,10 +15,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from fixtures import Collector, prompt_inputs  # noqa: E402
+sys.path.insert(0, str(ROOT))
 from goals import verdict  # noqa: E402
-from peers import TEST_KEY, EncoderPeer, SilentPeer, resign  # noqa: E402
 
 from qwen3vl_epd.checkpoint.tiny import build_tiny  # noqa: E402
 from qwen3vl_epd.language.engine.engine import Engine  # noqa: E402
@@ -30,6 +28,8 @@ from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers  # 
 from qwen3vl_epd.transfer.puller import Puller  # noqa: E402
 from qwen3vl_epd.transfer.signing import HandleKeys  # noqa: E402
 from qwen3vl_epd.transfer.transport import MooncakeTransport  # noqa: E402
+from support.peers import TEST_KEY, EncoderPeer, SilentPeer, resign  # noqa: E402
+from support.prompts import Collector, prompt_inputs  # noqa: E402
 
 STREAMS = 8
 

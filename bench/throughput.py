@@ -1,4 +1,4 @@
-"""Output tok/s and time to first token through the running server's door, the language model
+"""Output tok/s and time to first token through the running server's entry model, the language model
 (gRPC streaming), at concurrency 1, 4, 16, next to transformers' generate serving the same
 requests one by one, and the served TTFT next to the sum of the in-process stage times. All in
 one run.
@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 from goals import verdict  # noqa: E402
-from tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 from client import load  # noqa: E402
 from qwen3vl_epd.checkpoint.tiny import build_tiny  # noqa: E402
@@ -35,6 +33,7 @@ from qwen3vl_epd.transfer.signing import (
 )
 from qwen3vl_epd.transfer.stager import Stager  # noqa: E402
 from qwen3vl_epd.transfer.transport import MooncakeTransport  # noqa: E402
+from support.tritonserver import NO_CACHES, TritonServer  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "testdata" / "images"
 MIX = [("Describe this image.", ["small_64x64.webp"]), ("What is in the picture?", ["portrait_300x500.png"]),

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from goals import verdict  # noqa: E402
-from peers import TEST_KEY, EncoderPeer  # noqa: E402
 
 from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers  # noqa: E402
 from qwen3vl_epd.transfer.puller import Puller  # noqa: E402
 from qwen3vl_epd.transfer.signing import HandleKeys  # noqa: E402
 from qwen3vl_epd.transfer.transport import MooncakeTransport  # noqa: E402
+from support.peers import TEST_KEY, EncoderPeer  # noqa: E402
 
 H, D, DTYPE, TEXT = 2048, 3, torch.bfloat16, 512
 VS = (256, 1024, 4096)

@@ -1,4 +1,4 @@
-"""Client for the `language` model (the door; `ensemble` takes the same inputs): gRPC (stream_infer)
+"""Client for the `language` model (the entry model; `ensemble` takes the same inputs): gRPC (stream_infer)
 or HTTP (generate, generate_stream). Errors are RequestError with the Triton code as `code`."""
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import ENGINE_CHUNK, ROOT
+
+from support.prompts import ENGINE_CHUNK, ROOT
 
 TIERS = ("unit", "mooncake", "triton", "chaos", "netns")
 
@@ -71,7 +72,7 @@ def language(checkpoint):
 @pytest.fixture(scope="module")
 def peer(checkpoint):
     """An encoder peer process (real Mooncake engine) staging real prompts, for the engine tests."""
-    from peers import EncoderPeer
+    from support.peers import EncoderPeer
 
     p = EncoderPeer(hidden=64, deepstack=3, checkpoint=checkpoint,
                     buffer_config=dict(num_token_blocks=2048, num_visual_blocks=1024, num_slots=128))
@@ -82,12 +83,11 @@ def peer(checkpoint):
 @pytest.fixture(scope="module")
 def puller():
     """The language side's Puller for the engine tests: small local pools, chunks of ENGINE_CHUNK."""
-    from peers import TEST_KEY
-
     from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
     from qwen3vl_epd.transfer.puller import Puller
     from qwen3vl_epd.transfer.signing import HandleKeys
     from qwen3vl_epd.transfer.transport import MooncakeTransport
+    from support.peers import TEST_KEY
 
     cfg = BufferConfig(block_tokens=16, block_visual=16, num_token_blocks=64, num_visual_blocks=64, num_slots=256)
     p = Puller(MultimodalDataBuffers(64, 3, torch.float32, cfg), MooncakeTransport(), HandleKeys(TEST_KEY),

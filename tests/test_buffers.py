@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from peers import synthetic_prompt
 
 from qwen3vl_epd.transfer.blocks import BlockAllocator, BlockError
 from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
+from support.peers import synthetic_prompt
 
 pytestmark = pytest.mark.unit
 

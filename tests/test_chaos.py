@@ -10,11 +10,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from fixtures import image_bytes
-from tritonserver import TritonServer
 
 from client import RequestError, generate, text_of
 from qwen3vl_epd.ops.supervisor import Stub, children, is_stub
+from support.prompts import image_bytes
+from support.tritonserver import TritonServer
 
 pytestmark = pytest.mark.chaos
 
@@ -42,7 +42,7 @@ def server(tmp_path_factory, checkpoint):
 
 
 def tritonserver_pid(server) -> int:
-    """The supervisor's tritonserver child (its other child is the OpenAI door)."""
+    """The supervisor's tritonserver child (its other child is the OpenAI server)."""
     for proc in Path("/proc").iterdir():
         try:
             if (proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == server.process.pid

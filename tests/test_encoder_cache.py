@@ -7,12 +7,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from fixtures import TOL, image_bytes
 from PIL import Image
 
 from qwen3vl_epd.encoder.cache import EncoderCache
 from qwen3vl_epd.prompt.images import Limits
 from qwen3vl_epd.prompt.processor import Processor
+from support.prompts import TOL, image_bytes
 
 pytestmark = pytest.mark.unit
 

@@ -6,8 +6,6 @@ import time
 
 import pytest
 import torch
-from fixtures import ENGINE_CHUNK, Collector, prompt_inputs
-from peers import TEST_KEY, SilentPeer, resign
 from reference import reference_greedy
 
 from qwen3vl_epd.language.engine.engine import Engine
@@ -18,6 +16,8 @@ from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.transfer.puller import Puller
 from qwen3vl_epd.transfer.signing import HandleKeys
 from qwen3vl_epd.transfer.transport import MooncakeTransport
+from support.peers import TEST_KEY, SilentPeer, resign
+from support.prompts import ENGINE_CHUNK, Collector, prompt_inputs
 
 pytestmark = pytest.mark.mooncake
 
@@ -260,3 +260,25 @@ def test_a_stalled_peer_stalls_only_its_own_request(peer, language, processor, e
         engine.stop()
         silent.close()
         puller.close()
+
+
+def test_an_engine_bug_fails_its_requests_naming_them_and_is_logged(peer, puller, language, processor, caplog):
+    """A step that raises: every request in flight ends INTERNAL with its id, the traceback is
+    logged with the same ids, nothing stays in use, and the engine serves the next request."""
+    engine = make_engine(language, puller, processor)
+    run = engine.runner.run
+    try:
+        engine.runner.run = lambda chunks, decodes: {}["induced"]
+        broken = [submit(engine, peer, "hi"), submit(engine, peer, "small_image")]
+        wait_all(broken)
+        for c in broken:
+            assert c.last.error.code == "INTERNAL" and f"(request {c.request.id}): KeyError" in str(c.last.error)
+            logged = [r for r in caplog.records if c.request.id in r.getMessage()]
+            assert logged and logged[0].exc_info[0] is KeyError, caplog.records
+        assert_all_free(engine, peer)
+        engine.runner.run = run
+        good = submit(engine, peer, "hi")
+        wait_all([good])
+        assert good.last.error is None and good.last.finish_reason
+    finally:
+        engine.stop()

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from fixtures import IMAGE_TOKEN_ID, TOL, prompt_inputs
 from reference import reference_greedy, reference_logits
 
 from qwen3vl_epd.language.sampling import SamplingParams
+from support.prompts import IMAGE_TOKEN_ID, TOL, prompt_inputs
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,7 @@ import shutil
 import pytest
 import torch
 from families import VARIANTS, build_variant
-from fixtures import TOL, prompt_inputs
 from reference import reference_greedy, reference_logits
-from tritonserver import TritonServer
 
 from client import generate, text_of
 from qwen3vl_epd.checkpoint.architecture import UnsupportedCheckpointError, architecture
@@ -18,6 +16,8 @@ from qwen3vl_epd.checkpoint.reader import load_config
 from qwen3vl_epd.encoder.vision import VisionEncoder
 from qwen3vl_epd.language.model import KVCache, LanguageModel
 from qwen3vl_epd.prompt.processor import Processor
+from support.prompts import TOL, prompt_inputs
+from support.tritonserver import TritonServer
 
 CASES = ["sea", "landscape", "two_marked_with"]  # text only, one image, two images
 MAX_TOKENS = 12

@@ -4,11 +4,11 @@ import base64
 import json
 
 import pytest
-from fixtures import image_bytes
 
 from qwen3vl_epd.errors import InvalidInputError
 from qwen3vl_epd.prompt.messages import parse_messages
 from qwen3vl_epd.prompt.processor import VISION_PLACEHOLDER
+from support.prompts import image_bytes
 
 pytestmark = pytest.mark.unit
 

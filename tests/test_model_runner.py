@@ -4,12 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fixtures import TOL, prompt_inputs
 from reference import reference_logits
 
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner
 from qwen3vl_epd.language.model import KVCache
+from support.prompts import TOL, prompt_inputs
 
 pytestmark = pytest.mark.unit
 

@@ -7,13 +7,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fixtures import noise_jpeg, prompt_inputs
 from netns import SUBNET, Hosts, unavailable_reason
-from peers import resign
 from reference import reference_greedy
-from tritonserver import TritonServer
 
 from client import RequestError, generate, text_of
+from support.peers import resign
+from support.prompts import noise_jpeg, prompt_inputs
+from support.tritonserver import TritonServer
 
 pytestmark = pytest.mark.netns
 REASON = unavailable_reason()

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible door that scripts/serve starts, through the official `openai` package:
-equal to the Triton door and to transformers, conversations, errors, cancellation."""
+"""The OpenAI-compatible server that scripts/serve starts, through the official `openai` package:
+equal to the Triton endpoint and to transformers, conversations, errors, cancellation."""
 
 import base64
 import http.client
@@ -13,11 +13,11 @@ import urllib.request
 
 import openai
 import pytest
-from fixtures import image_bytes
 from reference import reference_greedy
-from tritonserver import TritonServer, start_openai_door, wait_http_ok
 
 from client import data_url, generate, text_of
+from support.prompts import image_bytes
+from support.tritonserver import TritonServer, start_openai_server, wait_http_ok
 
 pytestmark = pytest.mark.triton
 
@@ -46,7 +46,7 @@ CONVERSATIONS = {
 def server(tmp_path_factory, checkpoint):
     s = TritonServer(tmp_path_factory.mktemp("openai") / "server.log", env={"EPD_CHECKPOINT": checkpoint},
                      supervised=True)
-    wait_http_ok(s.openai_url.removesuffix("/v1") + "/health", 60, "the OpenAI door of scripts/serve")
+    wait_http_ok(s.openai_url.removesuffix("/v1") + "/health", 60, "the OpenAI server of scripts/serve")
     yield s
     s.stop()
 
@@ -85,7 +85,7 @@ def sdk_text(sdk, stream: bool, **kw) -> tuple[str, str, object]:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("name", list(CONVERSATIONS))
-def test_sdk_equals_triton_door_and_transformers(server, sdk, expected, name, stream):
+def test_sdk_equals_triton_endpoint_and_transformers(server, sdk, expected, name, stream):
     want_text, want_n, prompt_tokens = expected[name]
     text, finish, usage = sdk_text(sdk, stream, messages=CONVERSATIONS[name], max_completion_tokens=MAX_TOKENS)
     assert text == want_text
@@ -95,7 +95,7 @@ def test_sdk_equals_triton_door_and_transformers(server, sdk, expected, name, st
     assert triton_text == text and last.num_input_tokens == prompt_tokens
 
 
-def test_sampling_fields_match_the_triton_door(server, sdk):
+def test_sampling_fields_match_the_triton_endpoint(server, sdk):
     fields = dict(temperature=0.8, top_p=0.9, seed=11)
     messages = CONVERSATIONS["image"]
     text, _, _ = sdk_text(sdk, False, messages=messages, max_tokens=8, extra_body={"top_k": 40}, **fields)
@@ -157,12 +157,12 @@ def test_dropped_stream_stops_the_engine(server):
 
 
 def test_remote_images_when_enabled_and_api_key(server, expected, tmp_path):
-    """A door started by hand with --allow-remote-images and --api-key, fetching from loopback."""
+    """An OpenAI server started by hand with --allow-remote-images and --api-key, fetching from loopback."""
     (tmp_path / SMALL).write_bytes(image_bytes(SMALL))
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=images.serve_forever, daemon=True).start()
-    door, base = start_openai_door(server.grpc_url, "--served-model-name", "tiny", "--allow-remote-images",
+    openai, base = start_openai_server(server.grpc_url, "--served-model-name", "tiny", "--allow-remote-images",
                                    "--api-key", "sesame")
     try:
         url = f"http://127.0.0.1:{images.server_port}/{SMALL}"
@@ -178,12 +178,12 @@ def test_remote_images_when_enabled_and_api_key(server, expected, tmp_path):
                                                   messages=CONVERSATIONS["text"]))
         assert status == 401 and body["code"] == "invalid_api_key"
     finally:
-        door.terminate()
-        door.wait(15)
+        openai.terminate()
+        openai.wait(15)
         images.shutdown()
 
 
-def test_conversations_through_triton_doors(server, expected):
+def test_conversations_through_triton_endpoints(server, expected):
     """The `messages` input on each client-facing model, gRPC and HTTP, and its errors."""
     turns = CONVERSATIONS["turns"]
     want = expected["turns"][0]
@@ -197,7 +197,7 @@ def test_conversations_through_triton_doors(server, expected):
     got, _ = text_of(generate(server.grpc_url, None, [image_bytes(PORTRAIT), image_bytes(SMALL)], messages=by_index,
                               max_tokens=MAX_TOKENS))
     assert got == want
-    # `complete` over HTTP infer: the unary door
+    # `complete` over HTTP infer: the unary endpoint
     infer = {"inputs": [{"name": "messages", "shape": [1, 1], "datatype": "BYTES", "data": [json.dumps(turns)]},
                         {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [MAX_TOKENS]}]}
     with urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/models/complete/infer",

@@ -3,7 +3,6 @@ pulled nor prefilled) and still equals transformers token for token; images are 
 
 import pytest
 import torch
-from fixtures import ENGINE_CHUNK, TOL, Collector, image_bytes, noise_jpeg
 from reference import reference_greedy, reference_logits
 
 from qwen3vl_epd.language.engine.engine import Engine
@@ -11,6 +10,7 @@ from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner
 from qwen3vl_epd.language.sampling import SamplingParams
 from qwen3vl_epd.settings import LanguageSettings
+from support.prompts import ENGINE_CHUNK, TOL, Collector, image_bytes, noise_jpeg
 
 pytestmark = pytest.mark.mooncake
 

@@ -5,7 +5,6 @@ import io
 import numpy as np
 import pytest
 import torch
-from fixtures import ACCEPTED, REJECTED, image_bytes
 from PIL import Image
 
 from qwen3vl_epd.errors import (
@@ -17,6 +16,7 @@ from qwen3vl_epd.errors import (
 )
 from qwen3vl_epd.prompt.images import Limits, decode_image
 from qwen3vl_epd.prompt.processor import VISION_PLACEHOLDER, Processor
+from support.prompts import ACCEPTED, REJECTED, image_bytes
 
 pytestmark = pytest.mark.unit
 

@@ -6,13 +6,13 @@ import threading
 import time
 
 import pytest
-from tritonserver import free_ports
 
 from qwen3vl_epd.errors import UnavailableError
 from qwen3vl_epd.language.encoder_pool import EncoderPool
 from qwen3vl_epd.ops.launch import MODEL_REPOSITORY, command, device_repository, role_env, target_hosts
 from qwen3vl_epd.transfer.peers import HostAllowList
 from qwen3vl_epd.transfer.transport import advertised_host
+from support.tritonserver import free_ports
 
 pytestmark = pytest.mark.unit
 KEYED = {"EPD_HANDLE_KEY": "ab" * 32}

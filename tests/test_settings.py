@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, EncoderSettings, LanguageSettings, Settings, pbtxt_parameters
+from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, EncoderSettings, LanguageSettings, pbtxt_parameters
 
 pytestmark = pytest.mark.unit
 

@@ -13,23 +13,31 @@ from qwen3vl_epd.ops.supervisor import Stub, stub_fault
 pytestmark = pytest.mark.unit
 
 
+def settled(stubs, want, timeout=10.0):
+    """stub_fault(stubs) once it says `want`, or what it says at the deadline (a signal, an exec and
+    a reap take their time on a loaded machine)."""
+    deadline = time.monotonic() + timeout
+    while (got := stub_fault(stubs)) != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return got
+
+
 def test_a_stub_that_dies_or_stops_is_a_fault_named_by_its_instance():
     region = f"triton_python_backend_shm_region_test-{os.getpid()}"
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", region])
     stubs = {process.pid: Stub(region, "language_0_0")}
     try:
-        assert stub_fault(stubs) is None
+        assert settled(stubs, None) is None  # once the child has exec'd (its cmdline names the region)
         os.kill(process.pid, signal.SIGSTOP)
-        time.sleep(0.2)
-        assert stub_fault(stubs) == f"model process language_0_0 (pid {process.pid}) is stopped"
+        stopped = f"model process language_0_0 (pid {process.pid}) is stopped"
+        assert settled(stubs, stopped) == stopped
         os.kill(process.pid, signal.SIGCONT)
-        time.sleep(0.2)
-        assert stub_fault(stubs) is None
+        assert settled(stubs, None) is None
         process.kill()
-        time.sleep(0.2)  # a zombie until reaped: dead all the same
-        assert stub_fault(stubs) == f"model process language_0_0 (pid {process.pid}) died"
+        died = f"model process language_0_0 (pid {process.pid}) died"
+        assert settled(stubs, died) == died  # a zombie until reaped: dead all the same
         process.wait()
-        assert stub_fault(stubs) == f"model process language_0_0 (pid {process.pid}) died"
+        assert stub_fault(stubs) == died
     finally:
         process.kill()
         process.wait()

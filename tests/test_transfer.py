@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from peers import TEST_KEY, EncoderPeer, SilentPeer, resign, synthetic_prompt
 
 from qwen3vl_epd.errors import HandleError, HandleExpiredError, PeerError, PoolFullError
 from qwen3vl_epd.transfer.blocks import blocks_for
@@ -15,6 +14,7 @@ from qwen3vl_epd.transfer.handle import Handle
 from qwen3vl_epd.transfer.puller import Puller
 from qwen3vl_epd.transfer.signing import HandleKeys
 from qwen3vl_epd.transfer.transport import MooncakeTransport
+from support.peers import TEST_KEY, EncoderPeer, SilentPeer, resign, synthetic_prompt
 
 pytestmark = pytest.mark.mooncake
 

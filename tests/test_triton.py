@@ -8,11 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import ACCEPTED, IMAGES, REJECTED, ROOT, image_bytes, language_request_inputs, noise_jpeg, prompt_inputs
 from reference import reference_greedy
-from tritonserver import TritonServer
 
 from client import RequestError, generate, text_of
+from support.prompts import (
+    ACCEPTED,
+    IMAGES,
+    REJECTED,
+    ROOT,
+    image_bytes,
+    language_request_inputs,
+    noise_jpeg,
+    prompt_inputs,
+)
+from support.tritonserver import TritonServer
 
 pytestmark = pytest.mark.triton
 
@@ -62,7 +71,7 @@ def assert_pools_empty(server, timeout=5.0):
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("case", CASES)
-def test_doors_equal_transformers(server, expected, case, protocol, stream, model):
+def test_endpoints_equal_transformers(server, expected, case, protocol, stream, model):
     text, images = prompt_inputs(case)
     responses = list(generate(url(server, protocol), text, images, protocol, stream, model=model,
                               max_tokens=MAX_TOKENS))
@@ -319,7 +328,7 @@ def test_a_fresh_clone_stays_clean_after_serving(tmp_path):
     import os
     import signal
 
-    from tritonserver import free_ports
+    from support.tritonserver import free_ports
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
@@ -350,7 +359,7 @@ def test_plain_tritonserver_recipe_from_the_readme(tmp_path, expected):
     import re
     import signal
 
-    from tritonserver import free_ports, wait_ready
+    from support.tritonserver import free_ports, wait_ready
 
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- recipe: plain tritonserver -->\n```bash\n(.*?)```", readme, re.S).group(1)
@@ -376,7 +385,7 @@ def test_plain_tritonserver_recipe_from_the_readme(tmp_path, expected):
 
 
 def test_latency_histograms_count_each_request(server):
-    """Histograms per request from its arrival at the door; queue and prompt time are parts of TTFT."""
+    """Histograms per request from its arrival at the language model; queue and prompt time are parts of TTFT."""
     names = ["epd_time_to_first_token_seconds", "epd_prompt_seconds", "epd_queue_seconds", "epd_request_seconds"]
 
     def totals():

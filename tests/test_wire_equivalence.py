@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-from fixtures import TOL, prompt_inputs
-from peers import TEST_KEY, EncoderPeer
 from reference import reference_greedy, reference_logits
 
 from qwen3vl_epd.language.sampling import SamplingParams
@@ -11,6 +9,8 @@ from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.transfer.puller import Puller
 from qwen3vl_epd.transfer.signing import HandleKeys
 from qwen3vl_epd.transfer.transport import MooncakeTransport
+from support.peers import TEST_KEY, EncoderPeer
+from support.prompts import TOL, prompt_inputs
 
 pytestmark = pytest.mark.mooncake
 

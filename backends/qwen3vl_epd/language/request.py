@@ -57,12 +57,12 @@ class Piece:
 @dataclass(eq=False)
 class LanguageRequest:
     """Owned by LanguageService from start() to its final piece; the engine holds it while it runs.
-    `respond` is the door's sink (any thread); `cancel` is a message, never a callback."""
+    `respond` is the Triton adapter's sink (any thread); `cancel` is a message, never a callback."""
 
     params: SamplingParams
     respond: Callable[[Piece], None]
     id: str = field(default_factory=new_request_id)
-    arrived: float = field(default_factory=time.perf_counter)  # at the door
+    arrived: float = field(default_factory=time.perf_counter)  # at the language model
     probe: bool = False  # a liveness probe (the supervisor's): one token at most, queued first
     inputs: PromptInputs | None = None  # kept while it may need another encode
     phase: Phase = Phase.ENGINE

@@ -1,1 +1,1 @@
-"""An OpenAI-compatible HTTP door (/v1/chat/completions) onto the Triton models."""
+"""An OpenAI-compatible HTTP server (/v1/chat/completions) onto the Triton models."""

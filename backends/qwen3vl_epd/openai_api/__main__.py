@@ -6,7 +6,7 @@ any server of this repository."""
 import argparse
 import os
 
-from qwen3vl_epd.openai_api.server import DoorConfig, serve
+from qwen3vl_epd.openai_api.server import ServerConfig, serve
 
 
 def main() -> None:
@@ -20,7 +20,7 @@ def main() -> None:
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (off: only data: URLs are accepted)")
     a = p.parse_args()
-    serve(DoorConfig(a.triton, a.served_model_name, api_key=a.api_key, allow_remote_images=a.allow_remote_images),
+    serve(ServerConfig(a.triton, a.served_model_name, api_key=a.api_key, allow_remote_images=a.allow_remote_images),
           a.host, a.port)
 
 

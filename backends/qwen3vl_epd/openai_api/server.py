@@ -1,4 +1,4 @@
-"""The OpenAI-compatible door: /v1/models and /v1/chat/completions over aiohttp, each request one
+"""The OpenAI-compatible server: /v1/models and /v1/chat/completions over aiohttp, each request one
 gRPC stream to the `language` model; a client that leaves cancels its stream, so the engine stops."""
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from qwen3vl_epd.wire import Response, request_inputs, response_of
 
 
 @dataclass
-class DoorConfig:
+class ServerConfig:
     triton_url: str = "127.0.0.1:8001"
     served_model: str = "qwen3-vl"
-    model: str = "language"  # the Triton model the door calls
+    model: str = "language"  # the Triton model this server calls
     api_key: str | None = None
     allow_remote_images: bool = False
     max_image_bytes: int = 20 * 1024 * 1024
@@ -31,7 +31,7 @@ class DoorConfig:
 
 
 class ChatServer:
-    def __init__(self, config: DoorConfig):
+    def __init__(self, config: ServerConfig):
         self.config = config
         self.created = int(time.time())
         self.client = None  # made on the event loop (grpc.aio channels belong to one)
@@ -155,7 +155,7 @@ class ChatServer:
         if not self.config.allow_remote_images:
             param = chat.remote_images[0][0]
             raise api.invalid(f"{param}: remote image URLs are not fetched by this server; send the image as a "
-                              "data: URL (or start the door with --allow-remote-images)", param)
+                              "data: URL (or start the OpenAI server with --allow-remote-images)", param)
         timeout = ClientTimeout(total=self.config.fetch_timeout_s)
         async with ClientSession(timeout=timeout) as session:
             for param, image_url in chat.remote_images:
@@ -175,7 +175,7 @@ class ChatServer:
         return "data:image;base64," + base64.b64encode(data).decode()
 
 
-def serve(config: DoorConfig, host: str, port: int) -> None:
-    """Run the door until SIGTERM/SIGINT; in-flight streams are cancelled on the way out."""
+def serve(config: ServerConfig, host: str, port: int) -> None:
+    """Run the server until SIGTERM/SIGINT; in-flight streams are cancelled on the way out."""
     web.run_app(ChatServer(config).app(), host=host, port=port, print=None, access_log=None,
                 handler_cancellation=True, shutdown_timeout=5)

@@ -163,11 +163,11 @@ def main() -> None:
     parser.add_argument("--device", default=os.environ.get("EPD_DEVICE", "cpu"),
                         help="cpu, or cuda[:N]: encoder and language as GPU instances on GPU N (EPD_DEVICE)")
     parser.add_argument("--openai-port", type=int, default=int(os.environ.get("OPENAI_PORT", 9000)),
-                        help="the OpenAI-compatible door's port, roles all and language (0: none)")
-    parser.add_argument("--served-model-name", help="the OpenAI door's model name (default: the checkpoint's "
+                        help="the OpenAI-compatible server's port, roles all and language (0: none)")
+    parser.add_argument("--served-model-name", help="the OpenAI server's model name (default: the checkpoint's "
                         "directory name)")
     parser.add_argument("--allow-remote-images", action="store_true",
-                        help="the OpenAI door fetches http(s) image URLs (default: data: URLs only)")
+                        help="the OpenAI server fetches http(s) image URLs (default: data: URLs only)")
     parser.add_argument("--verbose", action="store_true", help="show all of tritonserver's and Mooncake's output")
     args, extra = parser.parse_known_args()
     for name in ("encoders", "allowed_encoder_hosts", "mooncake_host"):
@@ -183,16 +183,16 @@ def main() -> None:
     if args.probe_interval_s <= 0:
         os.execve(argv[0], argv, env)
     probe = Probe(f"127.0.0.1:{args.grpc_port}", PROBED[args.role], args.probe_timeout_s)
-    door = openai_door(args) if args.role != "encoder" and args.openai_port > 0 else None
+    openai = openai_server(args) if args.role != "encoder" and args.openai_port > 0 else None
     ready = (f"ready: HTTP http://localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, metrics "
              f"http://localhost:{args.metrics_port}/metrics, models {', '.join(ROLE_MODELS[args.role] or ALL_MODELS)}"
-             + (f", OpenAI http://localhost:{args.openai_port}/v1" if door else ""))
+             + (f", OpenAI http://localhost:{args.openai_port}/v1" if openai else ""))
     sys.exit(Supervisor(argv, env, probe, interval_s=args.probe_interval_s, ready_message=ready,
-                        console=Console(args.verbose), companions=[door] if door else []).run())
+                        console=Console(args.verbose), companions=[openai] if openai else []).run())
 
 
-def openai_door(args) -> list[str]:
-    """The argv of the OpenAI-compatible door in front of this server's gRPC port."""
+def openai_server(args) -> list[str]:
+    """The argv of the OpenAI-compatible server in front of this server's gRPC port."""
     name = args.served_model_name or Path(os.environ.get("EPD_CHECKPOINT") or DEFAULT_CHECKPOINT).name
     return [sys.executable, "-m", "qwen3vl_epd.openai_api", "--port", str(args.openai_port),
             "--triton", f"127.0.0.1:{args.grpc_port}", "--served-model-name", name,

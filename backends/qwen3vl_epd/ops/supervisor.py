@@ -32,7 +32,7 @@ class Supervisor:
                  startup_timeout_s: float = 600.0, ready_message: str = "ready", console: Console | None = None,
                  log=sys.stdout, companions: list[list[str]] = ()):
         self.argv, self.env, self.probe, self.console = argv, env, probe, console or Console()
-        # Processes that serve beside tritonserver (the OpenAI door): started once, restarted when they exit.
+        # Processes that serve beside tritonserver (the OpenAI server): started once, restarted when they exit.
         self.companions = {tuple(c): None for c in companions}
         self.interval_s, self.failures, self.startup_timeout_s, self.log = interval_s, failures, startup_timeout_s, log
         self.ready_message = ready_message
@@ -122,7 +122,7 @@ class Supervisor:
             p.send_signal(signal.SIGTERM)
         for p in running:
             try:
-                p.wait(6)  # the door's own graceful stop takes 5 s at most
+                p.wait(6)  # the OpenAI server's own graceful stop takes 5 s at most
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()

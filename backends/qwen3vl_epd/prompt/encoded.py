@@ -57,8 +57,7 @@ class EncodedPrompt:
 
     def slice(self, start: int, end: int) -> EncodedPrompt:
         """Tokens [start, end) with exactly their own embedding and DeepStack rows."""
-        end = min(end, self.length)
-        v0, v1 = self.visual_rows_before(start), self.visual_rows_before(end)
+        end, v0, v1 = chunk_rows(self.image_spans, self.length, start, end)
         return EncodedPrompt(
             fill_ids=self.fill_ids[start:end],
             mrope_positions=self.mrope_positions[start:end],
@@ -83,6 +82,12 @@ class EncodedPrompt:
 def visual_rows_before(spans, token: int) -> int:
     """Visual rows of tokens [0, token), given the (first token, count) span of each image."""
     return sum(min(max(token - s, 0), n) for s, n in spans)
+
+
+def chunk_rows(spans, length: int, start: int, end: int) -> tuple[int, int, int]:
+    """Tokens [start, end) of a prompt of `length`: (end within the prompt, first visual row, end row)."""
+    end = min(end, length)
+    return end, visual_rows_before(spans, start), visual_rows_before(spans, end)
 
 
 def clip_spans(spans, start: int, end: int) -> list[tuple[int, int]]:

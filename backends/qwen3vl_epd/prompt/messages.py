@@ -93,5 +93,5 @@ def _image_ref(part: dict, at: str) -> int | bytes | None:
         return value.encode()
     if isinstance(value, str) and value.startswith(("http://", "https://")):
         raise InvalidInputError(f"{at}: remote image URLs are not fetched by the model; send the image "
-                                "bytes in `image` or a data: URL (the OpenAI door can fetch them when enabled)")
+                                "bytes in `image` or a data: URL (the OpenAI server can fetch them when enabled)")
     raise InvalidInputError(f"{at}: an image is an index into `image` or a data: URL")

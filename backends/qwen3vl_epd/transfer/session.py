@@ -10,7 +10,7 @@ from concurrent.futures import Future, wait
 import torch
 
 from qwen3vl_epd.errors import HandleError, HandleExpiredError, PeerError
-from qwen3vl_epd.prompt.encoded import EncodedPrompt, clip_spans, visual_rows_before
+from qwen3vl_epd.prompt.encoded import EncodedPrompt, chunk_rows, clip_spans
 from qwen3vl_epd.transfer.blocks import blocks_for, contiguous_runs
 from qwen3vl_epd.transfer.buffers import AUX_WIDTH
 from qwen3vl_epd.transfer.handle import NONCE, Handle, check_header
@@ -83,8 +83,7 @@ class PullSession:
             self._start("first contact", self._first_contact)
             return None
         h = self.handle
-        end = min(end, h.length)
-        v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
+        end, v0, v1 = chunk_rows(h.image_spans, h.length, start, end)
         self.release_chunk()
         b = self.buffers
         if wait_for_blocks:
@@ -231,8 +230,7 @@ class PullSession:
 
     def _gather(self, start: int, end: int) -> EncodedPrompt:
         h = self.handle
-        end = min(end, h.length)
-        v0, v1 = visual_rows_before(h.image_spans, start), visual_rows_before(h.image_spans, end)
+        end, v0, v1 = chunk_rows(h.image_spans, h.length, start, end)
         fill, mrope, emb, ds = self.buffers.gather(*self._held, end - start, v1 - v0)
         return EncodedPrompt(
             fill_ids=fill, mrope_positions=mrope, embeddings=emb, deepstack=ds, mrope_delta=h.mrope_delta,

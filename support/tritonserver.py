@@ -52,17 +52,17 @@ def wait_http_ok(url: str, timeout: float, what: str, process: subprocess.Popen 
         time.sleep(0.2)
 
 
-def start_openai_door(grpc_url: str, *args: str, timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
-    """The OpenAI door started by hand in front of a server's gRPC port, once healthy: (process, base URL)."""
+def start_openai_server(grpc_url: str, *args: str, timeout: float = 30.0) -> tuple[subprocess.Popen, str]:
+    """The OpenAI server started by hand in front of a server's gRPC port, once healthy: (process, base URL)."""
     port = free_ports(1)[0]
-    door = subprocess.Popen([sys.executable, "-m", "qwen3vl_epd.openai_api", "--host", "127.0.0.1", "--port",
+    openai = subprocess.Popen([sys.executable, "-m", "qwen3vl_epd.openai_api", "--host", "127.0.0.1", "--port",
                              str(port), "--triton", grpc_url, *args], cwd=ROOT)
     try:
-        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout, "the OpenAI door")
+        wait_http_ok(f"http://127.0.0.1:{port}/health", timeout, "the OpenAI server")
     except RuntimeError:
-        door.kill()
+        openai.kill()
         raise
-    return door, f"http://127.0.0.1:{port}/v1"
+    return openai, f"http://127.0.0.1:{port}/v1"
 
 
 class TritonServer:
@@ -111,7 +111,7 @@ class TritonServer:
 
     @property
     def openai_url(self) -> str:
-        """The OpenAI door's base URL (supervised servers only: scripts/serve starts it)."""
+        """The OpenAI server's base URL (supervised servers only: scripts/serve starts it)."""
         return f"http://{self.host}:{self.openai}/v1"
 
     def metric_values(self, name: str) -> dict[str, float]:
