@@ -2,54 +2,55 @@
 and the server log has the same request id with the traceback."""
 
 import queue
+import shutil
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
 from client import generate, text_of
+from qwen3vl_epd.ops.launch import MODEL_REPOSITORY
 from qwen3vl_epd.wire import request_inputs
 from support.tritonserver import TritonServer
 
 pytestmark = pytest.mark.triton
 
-# Loaded by every Python process of the test server (PYTHONPATH); it patches the engine's model
-# runner, once the language model imports it, to fail any step that holds a request "epd-fault-…".
+# Put in front of the language model's model.py in a copy of the repository: the engine's model
+# runner fails any step that holds a request whose id starts with "epd-fault-".
 FAULT = textwrap.dedent('''
-    import importlib.abc, importlib.util, sys
+    from qwen3vl_epd.language.engine import model_runner
 
-    TARGET = "qwen3vl_epd.language.engine.model_runner"
+    _run = model_runner.ModelRunner.run
 
-    def patch(module):
-        run = module.ModelRunner.run
+    def _faulty(self, chunks, decodes):
+        seqs = [c.seq for c in chunks] + list(decodes)
+        if any(s.request is not None and s.request.id.startswith("epd-fault-") for s in seqs):
+            raise RuntimeError("induced fault")
+        return _run(self, chunks, decodes)
 
-        def faulty(self, chunks, decodes):
-            seqs = [c.seq for c in chunks] + list(decodes)
-            if any(s.request is not None and s.request.id.startswith("epd-fault-") for s in seqs):
-                raise RuntimeError("induced fault")
-            return run(self, chunks, decodes)
-
-        module.ModelRunner.run = faulty
-
-    class Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name != TARGET:
-                return None
-            sys.meta_path.remove(self)
-            spec = importlib.util.find_spec(name)
-            exec_module = spec.loader.exec_module
-            spec.loader.exec_module = lambda module: (exec_module(module), patch(module))
-            return spec
-
-    sys.meta_path.insert(0, Finder())
+    model_runner.ModelRunner.run = _faulty
 ''')
 
 
+def faulty_repository(where: Path) -> Path:
+    """model_repository/ with the fault in the language model (the other models linked as they are)."""
+    where.mkdir()
+    for model in MODEL_REPOSITORY.iterdir():
+        if model.name != "language":
+            (where / model.name).symlink_to(model)
+    (where / "language" / "1").mkdir(parents=True)
+    shutil.copy(MODEL_REPOSITORY / "language" / "config.pbtxt", where / "language")
+    source = (MODEL_REPOSITORY / "language" / "1" / "model.py").read_text()
+    (where / "language" / "1" / "model.py").write_text(FAULT + source)
+    return where
+
+
 def test_an_internal_error_is_logged_with_its_traceback_and_request_id(tmp_path, checkpoint):
-    (tmp_path / "sitecustomize.py").write_text(FAULT)
+    repository = faulty_repository(tmp_path / "repository")
     log = tmp_path / "server.log"
-    s = TritonServer(log, env={"EPD_CHECKPOINT": checkpoint, "PYTHONPATH": str(tmp_path)})
+    s = TritonServer(log, env={"EPD_CHECKPOINT": checkpoint}, args=[f"--model-repository={repository}"])
     try:
         results = queue.Queue()
         client = grpcclient.InferenceServerClient(s.grpc_url)

@@ -148,6 +148,8 @@ def test_console_shows_what_matters():
         "| encoder  | 1       | READY  |": None,
         "E1129 01:10:31.6 12632 tcp_transport_session_impl.h:631] ClientSession: failed to read": "keep",
         "supervisor: restarting tritonserver": "keep",
+        'I1201 10:21:55.1 20400 adapter.py:27] "qwen3vl_epd.language.service: language model ready: checkpoint x"':
+            "qwen3vl_epd.language.service: language model ready: checkpoint x",
     }
     for line, want in lines.items():
         assert quiet.filter(line) == (line if want == "keep" else want), line

@@ -10,6 +10,7 @@ from pathlib import Path
 # glog lines (tritonserver and Mooncake alike): I/W/E/F, date, time, thread, file:line] message
 GLOG = re.compile(r"^([IWEF])\d{4} [\d:.]+\s+\d+ ([\w.]+:\d+)\] (.*)$")
 LOADED = re.compile(r'successfully loaded \'(\w+)\'')
+OURS = re.compile(r'^"?(qwen3vl_epd\.[\w.]+: .*?)"?$')
 
 # Logged on every start of a machine without a GPU, or by Mooncake's tcp setup; none needs action.
 EXPECTED = [
@@ -53,5 +54,8 @@ class Console:
         level, _, message = found.groups()
         if level == "I":
             loaded = LOADED.search(message)
-            return f"loaded model {loaded.group(1)}" if loaded else None
+            if loaded:
+                return f"loaded model {loaded.group(1)}"
+            ours = OURS.match(message)  # our package's own info lines (start-up summaries)
+            return ours.group(1) if ours else None
         return line

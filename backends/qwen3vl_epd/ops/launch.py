@@ -168,14 +168,17 @@ def main() -> None:
                         "directory name)")
     parser.add_argument("--allow-remote-images", action="store_true",
                         help="the OpenAI server fetches http(s) image URLs (default: data: URLs only)")
+    parser.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY,
+                        help="serve this model repository (default: the repository's model_repository/)")
     parser.add_argument("--verbose", action="store_true", help="show all of tritonserver's and Mooncake's output")
     args, extra = parser.parse_known_args()
     for name in ("encoders", "allowed_encoder_hosts", "mooncake_host"):
         if getattr(args, name):
             os.environ["EPD_" + name.upper()] = getattr(args, name)
-    argv, env = command(args.http_port, args.grpc_port, args.metrics_port, extra=extra, role=args.role,
+    argv, env = command(args.http_port, args.grpc_port, args.metrics_port, args.model_repository, extra=extra,
+                        role=args.role,
                         log_info=args.probe_interval_s > 0, verbose=args.verbose, device=args.device)
-    print(f"serving {MODEL_REPOSITORY} on {args.device} as role {args.role} ({', '.join(ROLE_MODELS[args.role]) or 'every model'}): "
+    print(f"serving {args.model_repository} on {args.device} as role {args.role} ({', '.join(ROLE_MODELS[args.role]) or 'every model'}): "
           f"HTTP localhost:{args.http_port}, gRPC localhost:{args.grpc_port}, "
           f"metrics http://localhost:{args.metrics_port}/metrics\n"
           f"try: .venv/bin/python -m client --prompt 'Describe this image.' --image IMAGE --stream "
