@@ -162,7 +162,7 @@ def test_remote_images_when_enabled_and_api_key(server, expected, tmp_path):
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
     images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=images.serve_forever, daemon=True).start()
-    openai, base = start_openai_server(server.grpc_url, "--served-model-name", "tiny", "--allow-remote-images",
+    frontend, base = start_openai_server(server.grpc_url, "--served-model-name", "tiny", "--allow-remote-images",
                                    "--api-key", "sesame")
     try:
         url = f"http://127.0.0.1:{images.server_port}/{SMALL}"
@@ -178,8 +178,8 @@ def test_remote_images_when_enabled_and_api_key(server, expected, tmp_path):
                                                   messages=CONVERSATIONS["text"]))
         assert status == 401 and body["code"] == "invalid_api_key"
     finally:
-        openai.terminate()
-        openai.wait(15)
+        frontend.terminate()
+        frontend.wait(15)
         images.shutdown()
 
 

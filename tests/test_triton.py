@@ -229,8 +229,8 @@ def _kill_client(server):
     """A client process streaming from the language model is killed: its connection just drops."""
     script = (
         "import sys, time, queue, numpy as np, tritonclient.grpc as g\n"
-        "sys.path.insert(0, 'tests')\n"
-        "from fixtures import language_request_inputs\n"
+        "sys.path.insert(0, '.')\n"
+        "from support.prompts import language_request_inputs\n"
         "q = queue.Queue(); c = g.InferenceServerClient(sys.argv[1])\n"
         "c.start_stream(callback=lambda result, error: q.put(error))\n"
         "c.async_stream_infer('language', language_request_inputs(sys.argv[2].encode()))\n"
