@@ -106,3 +106,21 @@ def language_request_inputs(handle: bytes) -> list:
         t.set_data_from_numpy(value)
         inputs.append(t)
     return inputs
+
+
+def ask_with_image(server, endpoint: str, image: bytes, max_tokens: int = 4, model: str = "tiny") -> int:
+    """One image request through `grpc` (the language model) or `openai` (the OpenAI server, whose
+    model name is the checkpoint directory's): its output tokens (ignore_eos: exactly max_tokens)."""
+    from client import data_url, generate, text_of
+
+    if endpoint == "grpc":
+        return text_of(generate(server.grpc_url, "Describe this image.", [image], max_tokens=max_tokens,
+                                ignore_eos=True, timeout=600))[1].num_output_tokens
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.openai_url, api_key="unused", max_retries=0, timeout=600)
+    reply = client.chat.completions.create(model=model, max_tokens=max_tokens, extra_body={"ignore_eos": True},
+                                           messages=[{"role": "user", "content": [
+                                               {"type": "image_url", "image_url": {"url": data_url(image)}},
+                                               {"type": "text", "text": "Describe this image."}]}])
+    return reply.usage.completion_tokens

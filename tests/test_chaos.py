@@ -6,13 +6,24 @@ import os
 import signal
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from client import RequestError, generate, text_of
 from qwen3vl_epd.ops.supervisor import Stub, children, is_stub
+from support.faults import (
+    FREEZER,
+    NO_FREEZER,
+    back,
+    freeze,
+    not_ready_after,
+    pools_empty,
+    restarts,
+    soak,
+    stub_pid,
+    thaw,
+    tritonserver_pid,
+)
 from support.prompts import image_bytes
 from support.tritonserver import TritonServer
 
@@ -41,25 +52,9 @@ def server(tmp_path_factory, checkpoint):
     assert not alive(SEEN_STUBS), "model processes left behind after shutdown"
 
 
-def tritonserver_pid(server) -> int:
-    """The supervisor's tritonserver child (its other child is the OpenAI server)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            if (proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == server.process.pid
-                    and (proc / "cmdline").read_bytes().split(b"\0")[0].endswith(b"tritonserver")):
-                return int(proc.name)
-        except (OSError, IndexError, ValueError):
-            pass
-    raise AssertionError("no tritonserver under the supervisor")
-
-
 def stub_of(server, model: str) -> int:
-    stubs = children(tritonserver_pid(server))
-    SEEN_STUBS.update(stubs)
-    for pid, stub in stubs.items():
-        if stub.instance.startswith(f"{model}_"):  # language_0_0
-            return pid
-    raise AssertionError(f"no stub for {model}")
+    SEEN_STUBS.update(children(tritonserver_pid(server)))
+    return stub_pid(server, model)
 
 
 class Streams:
@@ -94,75 +89,6 @@ class Streams:
         return self.outcomes, self.ended
 
 
-def back(server, since: float) -> float:
-    """Seconds from `since` until an image request is served again."""
-    while time.monotonic() - since < 300:
-        try:
-            text, last = text_of(generate(server.grpc_url, "Hi", [image_bytes("small_64x64.webp")], max_tokens=2,
-                                          timeout=10))
-            if last.num_output_tokens == 2:
-                return time.monotonic() - since
-        except (RequestError, OSError, Exception):
-            time.sleep(0.5)
-    raise AssertionError("the service did not come back")
-
-
-def not_ready_after(server, since: float, bound: float = ENDED_WITHIN_S + 5) -> float:
-    """Seconds from `since` until /v2/health/ready stops answering 200 (refused, or another status)."""
-    while time.monotonic() - since < bound:
-        try:
-            with urllib.request.urlopen(f"http://{server.http_url}/v2/health/ready", timeout=0.5) as r:
-                if r.status != 200:
-                    break
-        except OSError:
-            break
-        time.sleep(0.02)
-    return time.monotonic() - since
-
-
-def pools_empty(server, timeout=10.0):
-    time.sleep(0.2)  # gauges are reported every 0.1 s: none is read stale
-    deadline = time.monotonic() + timeout
-    while any((values := server.metric_values("epd_buffer_blocks_in_use")).values()) or not values:
-        assert time.monotonic() < deadline, values
-        time.sleep(0.1)
-
-
-def freezer_root() -> Path | None:
-    """A cgroup freezer hierarchy this process may write (v1 `freezer`, else v2), or None."""
-    for line in Path("/proc/mounts").read_text().splitlines():
-        _, where, kind, options = line.split()[:4]
-        if (kind == "cgroup" and "freezer" in options.split(",") or kind == "cgroup2") and os.access(where, os.W_OK):
-            return Path(where)
-    return None
-
-
-FREEZER = freezer_root()
-FROZEN = FREEZER / f"epd-chaos-{os.getpid()}" if FREEZER else None
-NO_FREEZER = "HANG CHAOS TESTS SKIPPED: no writable cgroup freezer (needs root); hangs only probes see were not injected"
-
-
-def freeze(pid: int) -> None:
-    """A hang that the process state does not show: frozen by the cgroup freezer (state D, like a
-    wedged driver call; not even SIGKILL ends it until thawed). Only the probes can see it."""
-    FROZEN.mkdir(exist_ok=True)
-    v1 = (FROZEN / "freezer.state").exists()
-    (FROZEN / ("tasks" if v1 else "cgroup.procs")).write_text(str(pid))
-    (FROZEN / ("freezer.state" if v1 else "cgroup.freeze")).write_text("FROZEN" if v1 else "1")
-
-
-def thaw() -> None:
-    """Thaw and remove the test's cgroup (the supervisor's SIGKILL then ends the frozen process)."""
-    if FROZEN is None or not FROZEN.exists():
-        return
-    v1 = (FROZEN / "freezer.state").exists()
-    (FROZEN / ("freezer.state" if v1 else "cgroup.freeze")).write_text("THAWED" if v1 else "0")
-    deadline = time.monotonic() + 10
-    while (FROZEN / ("tasks" if v1 else "cgroup.procs")).read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    FROZEN.rmdir()
-
-
 def hang(model: str):
     return lambda server: freeze(stub_of(server, model))
 
@@ -180,7 +106,7 @@ FAULTS = {
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_fault_under_8_streams(server, fault):
-    hung = fault.startswith("freeze")  # seen by the probes only: within interval + 2 probe timeouts
+    hung = fault.startswith("freeze")  # seen by its stopped heartbeat (liveness.py), not by its state
     if hung and FREEZER is None:
         pytest.skip(NO_FREEZER)
     streams = Streams(server)
@@ -228,10 +154,6 @@ class LanguageStream:
         self.client.close()
 
 
-def restarts(server) -> int:
-    return sum(line.startswith("supervisor: restarting tritonserver") for line in server.log_path.open())
-
-
 def test_a_saturated_server_is_not_restarted(server):
     """KV taken by 16 streams and 8 more queued, for longer than two probe timeouts: the probes go
     before the queue, so the supervisor sees a busy server, not a hung one."""
@@ -254,56 +176,12 @@ def test_cancellation_storm_of_20(server):
     pools_empty(server)
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def test_soak_1000_mixed_requests_with_a_model_process_killed_at_500(server):
     """No request lost without an error, nothing leaks, and the model processes' memory stays flat
     after warm-up (measured on the processes started after the kill)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     mix = [("Hi", []), ("Describe this image.", [image_bytes("small_64x64.webp")]),
            ("Compare <image> and <image>.", [image_bytes("small_64x64.webp"), image_bytes("one_pixel.png")])]
-    done = threading.Semaphore(0)
-    rss = {}
-
-    def one(i):
-        """As a client would: UNAVAILABLE is retried (bounded), anything else is the outcome."""
-        text, images = mix[i % len(mix)]
-        deadline, tries = time.monotonic() + 90, 0
-        while True:
-            tries += 1
-            try:
-                last = text_of(generate(server.grpc_url, text, images, stream=bool(i % 2), max_tokens=4, timeout=60))[1]
-                outcome = "ok" if last.num_output_tokens >= 1 else "empty"
-                break
-            except RequestError as e:
-                outcome = f"{e.code}: {e.message}"
-                if e.code != "UNAVAILABLE" or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-        done.release()
-        return outcome, tries
-
-    def watch():  # the kill at request 500, memory at 650 and 1000
-        for n in range(1, 1001):
-            done.acquire()
-            if n == 500:
-                os.kill(stub_of(server, "language"), signal.SIGKILL)
-            if n in (650, 1000):
-                rss[n] = {m: rss_kib(stub_of(server, m)) for m in ("language", "encoder")}
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(1000)))
-    watcher.join(60)
-    outcomes = [o for o, _ in results]
-    retried = sum(1 for _, tries in results if tries > 1)
+    outcomes, retried, rss = soak(server, lambda i: mix[i % len(mix)], 1000, 8, kill_at=500, stub=stub_of)
     print(f"soak: {outcomes.count('ok')} of 1000 served, {retried} after UNAVAILABLE retries; "
           f"RSS KiB at 650 {rss.get(650)}, at 1000 {rss.get(1000)}")
     assert outcomes == ["ok"] * 1000, {o: outcomes.count(o) for o in set(outcomes)}

@@ -115,6 +115,7 @@ def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
         encodes, seen, told = [], [], threading.Event()
         outcomes = iter(outcomes)
         service = object.__new__(LanguageService)  # only the request's path, none of the model
+        service.encoding, service._lock = 0, threading.Lock()
         service.encoders = SimpleNamespace(encode=lambda *a: encodes.append(a) or b"handle", count_retry=lambda: None)
         service.engine = SimpleNamespace(submit=lambda handle, request: service._deliver(request, next(outcomes)))
         with ThreadPoolExecutor(1) as workers:

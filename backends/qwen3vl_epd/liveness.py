@@ -83,8 +83,10 @@ class Progress:
         self.busy, self.units = True, units
 
     def done(self, seconds: float, units: int, still_busy: bool = False) -> None:
+        """A unit of work ended; only work with a size (a forward ran) counts in the rates."""
         self.count += 1
-        self.rates.append(seconds / max(units, 1))
+        if units > 0:
+            self.rates.append(seconds / units)
         self.since, self.busy, self.units = time.time(), still_busy, 0
 
     def beat(self) -> Beat:

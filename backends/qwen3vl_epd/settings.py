@@ -109,7 +109,8 @@ class LanguageSettings(Settings):
     prefix_cache: bool = True  # reuse the KV of full prompt blocks other requests computed (LRU)
     max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
     max_running: int = 256
-    max_queued_requests: int = 1024
+    max_queued_requests: int = 1024  # requests waiting for the engine (and prompts with images held); more: UNAVAILABLE
+    max_queue_s: float = 600.0  # a request not admitted within this gets UNAVAILABLE (retry)
     cancel_check_ms: float = 20.0  # is_cancelled() is a round trip to the server: this often at most
 
 

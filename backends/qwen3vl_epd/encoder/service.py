@@ -12,6 +12,7 @@ from qwen3vl_epd.encoder.cache import EncoderCache
 from qwen3vl_epd.encoder.vision import VisionEncoder
 from qwen3vl_epd.errors import EpdError, InvalidInputError
 from qwen3vl_epd.language.sampling import sampling_params
+from qwen3vl_epd.liveness import Progress
 from qwen3vl_epd.prompt.images import Limits
 from qwen3vl_epd.prompt.processor import Processor
 from qwen3vl_epd.settings import EncoderSettings, Settings
@@ -58,6 +59,7 @@ class EncoderService:
         self.stager = Stager(self.buffers, MooncakeTransport.from_settings(s), HandleKeys.load(s.handle_key_file),
                              handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
         self.encode_seconds, self.encode_count = 0.0, 0
+        self.progress = Progress()  # batches done, for the supervisor's liveness rule (liveness.py)
         self._stop = threading.Event()
         self._reclaimer = threading.Thread(target=self._reclaim_loop, args=(reclaim_interval_s,), daemon=True)
         self._reclaimer.start()
@@ -72,6 +74,7 @@ class EncoderService:
     def encode(self, jobs: list[EncodeJob]) -> list[bytes | EpdError]:
         """Handles (or errors) for a batch: one packed vision forward; a bad request fails alone."""
         t0 = time.perf_counter()
+        self.progress.begin()
         results: list[bytes | EpdError | None] = [None] * len(jobs)
         processed = {}
         s = self.settings
@@ -81,14 +84,18 @@ class EncoderService:
                 processed[i] = self.processor.process(r.text, r.images, r.raw_prompt, self.cache)
             except EpdError as e:
                 results[i] = e
+        patches = sum(p.pixel_values.shape[0] for p in processed.values())  # of the images not cached
+        self.progress.units = patches
         encoded = self.encoder.encode(list(processed.values()), self.cache)
         for i, prompt in zip(processed, encoded):
             try:
                 results[i] = self.stager.stage(prompt)
             except EpdError as e:
                 results[i] = e
-        self.encode_seconds += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self.encode_seconds += seconds
         self.encode_count += len(jobs)
+        self.progress.done(seconds, patches)
         return results
 
     def close(self) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from qwen3vl_epd.checkpoint.reader import load_config
-from qwen3vl_epd.errors import EpdError, InvalidInputError
+from qwen3vl_epd.errors import EpdError, InvalidInputError, UnavailableError
 from qwen3vl_epd.language.encoder_pool import EncoderPool
 from qwen3vl_epd.language.engine.engine import Engine
 from qwen3vl_epd.language.model import LanguageModel
@@ -40,6 +41,7 @@ class LanguageService:
         self.encoders = EncoderPool(s.encoders, s.encode_timeout_s, s.encoder_wait_s)
         # Each encode blocks a thread for as long as the encoder works; the engine never waits on one.
         self.encode_workers = ThreadPoolExecutor(64, thread_name_prefix="epd-encode")
+        self.encoding, self._lock = 0, threading.Lock()  # prompts on their way to (or on) the encoder pool
         self.buffers = local_buffers(s, self.model)
         self.puller = Puller(self.buffers, MooncakeTransport.from_settings(s), HandleKeys.load(s.handle_key_file),
                              chunk_tokens=s.chunk_tokens, allowed_hosts=set(s.allowed_encoder_hosts) or None,
@@ -68,13 +70,16 @@ class LanguageService:
         if handle is not None:
             self.engine.submit(handle, request)
             return
-        inputs = self.templated(inputs)
+        s, inputs = self.settings, self.templated(inputs)
         check_text(inputs.text)
         if not inputs.images:
             p = self.processor.process(inputs.text, [], inputs.raw_prompt)
             rows = self.buffers.embeddings[:0], self.buffers.deepstack[:0]
-            self.engine.submit(LocalPrompt(p.encoded(*rows), self.settings.chunk_tokens), request)
+            self.engine.submit(LocalPrompt(p.encoded(*rows), s.chunk_tokens), request)
             return
+        if self.encoding >= s.max_queued_requests:  # a bounded queue in front of the encoder pool too
+            raise UnavailableError(f"the encoder pool is saturated: {self.encoding} prompts wait for an encode "
+                                   f"(max_queued_requests {s.max_queued_requests}); retry")
         request.inputs = inputs
         self._encode_later(request)
 
@@ -95,6 +100,8 @@ class LanguageService:
 
     def _encode_later(self, request: LanguageRequest) -> None:
         request.phase, request.encodes = Phase.ENCODING, request.encodes + 1
+        with self._lock:
+            self.encoding += 1
         self.encode_workers.submit(self._encode, request)
 
     def _encode(self, request: LanguageRequest) -> None:
@@ -112,6 +119,9 @@ class LanguageService:
         except Exception as e:  # a bug: the client gets an error naming the request, the log the traceback
             log.exception("request %s: internal error while encoding", request.id)
             request.send(Piece("", None, 0, 0, EpdError(f"internal error (request {request.id}): {e!r}")))
+        finally:
+            with self._lock:
+                self.encoding -= 1
 
     def _deliver(self, request: LanguageRequest, piece: Piece) -> None:
         """Every piece the engine makes; a request whose encoder was lost before its first token

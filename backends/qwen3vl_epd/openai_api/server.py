@@ -17,6 +17,8 @@ from qwen3vl_epd.openai_api import protocol as api
 from qwen3vl_epd.openai_api.protocol import OpenAIError
 from qwen3vl_epd.wire import Response, request_inputs, response_of
 
+RETRY_AFTER_S = 1
+
 
 @dataclass
 class ServerConfig:
@@ -62,7 +64,9 @@ class ChatServer:
                 raise OpenAIError(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
             return await handler(request)
         except OpenAIError as e:
-            return web.json_response(e.body(), status=e.status)
+            # 503 is back-pressure or a restart: the client may retry, and is told when.
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
+            return web.json_response(e.body(), status=e.status, headers=headers)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(api.models(self.config.served_model, self.created))

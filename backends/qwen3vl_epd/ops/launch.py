@@ -16,6 +16,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from qwen3vl_epd.liveness import Bounds
 from qwen3vl_epd.ops.console import Console, cpu_only_flags, has_gpu
 from qwen3vl_epd.ops.supervisor import Probe, Supervisor
 from qwen3vl_epd.settings import DEFAULT_CHECKPOINT, REPO_ROOT
@@ -160,6 +161,12 @@ def main() -> None:
     parser.add_argument("--probe-timeout-s", type=float, default=float(os.environ.get("EPD_PROBE_TIMEOUT_S", 3)),
                         help="a probe not answered within this fails; two in a row restart tritonserver "
                         "(EPD_PROBE_TIMEOUT_S)")
+    parser.add_argument("--heartbeat-timeout-s", type=float,
+                        default=float(os.environ.get("EPD_HEARTBEAT_TIMEOUT_S", Bounds.heartbeat_s)),
+                        help="a model process whose heartbeat is older than this is hung (frozen)")
+    parser.add_argument("--hang-ceiling-s", type=float, default=float(os.environ.get("EPD_HANG_CEILING_S", Bounds.ceiling_s)),
+                        help="the longest a model process holding work may go without progress, whatever its "
+                        "recent batch times (docs/design.md, liveness)")
     parser.add_argument("--device", default=os.environ.get("EPD_DEVICE", "cpu"),
                         help="cpu, or cuda[:N]: encoder and language as GPU instances on GPU N (EPD_DEVICE)")
     parser.add_argument("--openai-port", type=int, default=int(os.environ.get("OPENAI_PORT", 9000)),
@@ -191,7 +198,8 @@ def main() -> None:
              f"http://localhost:{args.metrics_port}/metrics, models {', '.join(ROLE_MODELS[args.role] or ALL_MODELS)}"
              + (f", OpenAI http://localhost:{args.openai_port}/v1" if openai else ""))
     sys.exit(Supervisor(argv, env, probe, interval_s=args.probe_interval_s, ready_message=ready,
-                        console=Console(args.verbose), companions=[openai] if openai else []).run())
+                        console=Console(args.verbose), companions=[openai] if openai else [],
+                        bounds=Bounds(heartbeat_s=args.heartbeat_timeout_s, ceiling_s=args.hang_ceiling_s)).run())
 
 
 def openai_server(args) -> list[str]:

@@ -15,14 +15,14 @@ class Probe:
     models: list[str]
     timeout_s: float = 3.0
 
-    def failure(self) -> str | None:
-        """None when every model answered as expected, else what went wrong."""
+    def failure(self, models: list[str] | None = None) -> str | None:
+        """None when every model (of `models`, default all) answered as expected, else what went wrong."""
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
         client = grpcclient.InferenceServerClient(self.url)
         try:
-            for model in self.models:
+            for model in self.models if models is None else models:
                 try:
                     if model == "language":
                         _language_probe(client, self.timeout_s)

@@ -15,6 +15,11 @@ class Stub:
     region: str
     instance: str
 
+    @property
+    def model(self) -> str:
+        """The model it serves: instance `language_0_0` serves `language`."""
+        return self.instance.rsplit("_", 2)[0]
+
 
 def is_stub(pid: int, stub: Stub) -> bool:
     """Whether process `pid` is still that model process (not a reused pid)."""

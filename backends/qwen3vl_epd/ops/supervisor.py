@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from qwen3vl_epd.liveness import Bounds, beat_path, read_beat
 from qwen3vl_epd.ops.console import Console
 from qwen3vl_epd.ops.probes import Probe
 from qwen3vl_epd.ops.stubs import Stub, children, is_stub, stub_fault
@@ -22,16 +23,17 @@ WATCH_S = 0.1  # how often the model processes are checked for being dead or sto
 
 
 class Supervisor:
-    """run(): start tritonserver; every `interval_s` probe it, watching its processes in between;
-    when it exits, a model process dies or stops, or `failures` probes fail in a row (a hang: within
-    interval_s + failures × the probe's timeout), kill it with its model processes and start it
-    again (at once after it served; 1 s doubling to 30 s while starts keep failing). SIGTERM/SIGINT
-    stop it within STOP_TIMEOUT_S."""
+    """run(): start tritonserver and watch it: when it exits, a model process dies, stops or is hung
+    by the liveness rule (liveness.py: its heartbeat, its progress while it holds work), or
+    `failures` probes of an idle model fail in a row, kill it with its model processes and start it
+    again (at once after it served; 1 s doubling to 30 s while starts keep failing). A busy model is
+    never probed: its progress is the evidence. SIGTERM/SIGINT stop it within STOP_TIMEOUT_S."""
 
     def __init__(self, argv: list[str], env: dict, probe: Probe, interval_s: float = 1.0, failures: int = 2,
                  startup_timeout_s: float = 600.0, ready_message: str = "ready", console: Console | None = None,
-                 log=sys.stdout, companions: list[list[str]] = ()):
+                 log=sys.stdout, companions: list[list[str]] = (), bounds: Bounds = Bounds()):
         self.argv, self.env, self.probe, self.console = argv, env, probe, console or Console()
+        self.bounds = bounds
         # Processes that serve beside tritonserver (the OpenAI server): started once, restarted when they exit.
         self.companions = {tuple(c): None for c in companions}
         self.interval_s, self.failures, self.startup_timeout_s, self.log = interval_s, failures, startup_timeout_s, log
@@ -79,15 +81,17 @@ class Supervisor:
         self.served = not self.stopping
         if self.served:
             print(self.ready_message, file=self.log, flush=True)
-        self.stubs = children(self.process.pid)
+        self._find_stubs()
         failed = 0
         while not self.stopping:
             if not failed and (why := self._watch(self.interval_s)):  # a failed probe is repeated at once
                 return why
             # Models loaded since through the repository API are watched too; one unloaded is a fault.
-            self.stubs.update(children(self.process.pid))
+            self._find_stubs()
             self._keep_companions()
-            why = self.probe.failure()
+            why = self.probe.failure([m for m in self.probe.models if m not in self._busy()])
+            if why and why.split(":", 1)[0] in self._busy():
+                why = None  # it took work while the probe waited behind it: busy, and its progress is watched
             failed = failed + 1 if why else 0
             if failed >= self.failures:
                 self._kill()
@@ -103,10 +107,28 @@ class Supervisor:
             if self.process.poll() is not None:
                 self._kill(self.stubs)  # its model processes, orphaned now, may be stuck at exit
                 return f"it exited with {self.process.returncode}"
-            if why := stub_fault(self.stubs):
+            if why := stub_fault(self.stubs) or self._hung():
                 self._kill()
                 return why
         return None
+
+    def _find_stubs(self) -> None:
+        """The model processes, new ones too; a new one's beat file is a stale one of a reused pid
+        until it writes its own (within a quarter second of its heartbeat's start)."""
+        for pid, stub in children(self.process.pid).items():
+            if pid not in self.stubs:
+                beat_path(pid).unlink(missing_ok=True)
+                self.stubs[pid] = stub
+
+    def _hung(self) -> str | None:
+        for pid, stub in self.stubs.items():
+            if why := self.bounds.hung(read_beat(pid)):
+                return f"model process {stub.instance} (pid {pid}) is hung: {why}"
+        return None
+
+    def _busy(self) -> set[str]:
+        """The models whose processes hold work now (their heartbeat says so)."""
+        return {stub.model for pid, stub in self.stubs.items() if (beat := read_beat(pid)) and beat.busy}
 
     def _keep_companions(self) -> None:
         for argv, process in self.companions.items():
@@ -160,8 +182,9 @@ class Supervisor:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        for stub in stubs.values():
+        for pid, stub in stubs.items():
             Path("/dev/shm", stub.region).unlink(missing_ok=True)
+            beat_path(pid).unlink(missing_ok=True)
 
     def _relay(self, output) -> None:
         """tritonserver's output, through the console filter."""

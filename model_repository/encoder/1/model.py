@@ -2,6 +2,7 @@
 
 from qwen3vl_epd.encoder.service import EncodeJob, EncoderService
 from qwen3vl_epd.errors import EpdError
+from qwen3vl_epd.liveness import Heartbeat
 from qwen3vl_epd.settings import EncoderSettings
 from qwen3vl_epd.triton_backend import adapter as ta
 from qwen3vl_epd.triton_backend import metrics as m
@@ -14,6 +15,7 @@ class TritonPythonModel:
         self.outputs = ta.Outputs(config)
         self.metrics = m.Metrics("encoder", m.ENCODER_POOLS, m.ENCODER_COUNTERS, gauges=m.ENCODER_GAUGES)
         self.service = EncoderService(settings, on_tick=self._metrics)
+        self.heartbeat = Heartbeat(self.service.progress)  # for the supervisor: busy is not hung
 
     def _metrics(self):
         """On the service's background thread, off the request path."""
@@ -41,4 +43,5 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        self.heartbeat.close()
         self.service.close()

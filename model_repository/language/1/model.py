@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 from qwen3vl_epd.errors import EpdError
 from qwen3vl_epd.language.request import LanguageRequest, Phase, new_request_id
 from qwen3vl_epd.language.service import LanguageService
+from qwen3vl_epd.liveness import Heartbeat
 from qwen3vl_epd.settings import LanguageSettings
 from qwen3vl_epd.triton_backend import adapter as ta
 from qwen3vl_epd.triton_backend import metrics as m
@@ -25,6 +26,7 @@ class TritonPythonModel:
         self.metrics = m.Metrics("language", m.LANGUAGE_POOLS, m.LANGUAGE_COUNTERS, m.LANGUAGE_HISTOGRAMS,
                                  m.LANGUAGE_GAUGES)
         self.service = LanguageService(settings)
+        self.heartbeat = Heartbeat(self.service.engine.progress)  # for the supervisor: busy is not hung
         self.outbox = Outbox(self._send, self.service.cancel)
         self.watch = CancelWatch(settings.cancel_check_ms / 1000, self.service.cancel)
         # Live gauges from their own thread: no IPC call on the engine's step, and a slot freed
@@ -88,6 +90,7 @@ class TritonPythonModel:
         self.metrics.observe(engine.timings)
 
     def finalize(self):
+        self.heartbeat.close()
         self.metrics_thread.set()
         self.watch.close()
         self.service.close()

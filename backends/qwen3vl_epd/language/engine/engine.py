@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from qwen3vl_epd.errors import EpdError, HandleError, InvalidInputError, UnavailableError
+from qwen3vl_epd.errors import EpdError, HandleError, UnavailableError
 from qwen3vl_epd.language.detokenizer import Detokenizer
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner, PreparedChunk
@@ -17,6 +17,7 @@ from qwen3vl_epd.language.engine.scheduler import Scheduler
 from qwen3vl_epd.language.engine.sequence import Sequence, Status
 from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.request import LanguageRequest, Piece
+from qwen3vl_epd.liveness import Progress
 from qwen3vl_epd.prompt.source import PromptSource
 from qwen3vl_epd.settings import LanguageSettings
 from qwen3vl_epd.transfer.blocks import blocks_for
@@ -52,6 +53,7 @@ class Engine:
         # (name, seconds) per request, for the histograms; drained by the metrics reporter.
         self.timings: collections.deque[tuple[str, float]] = collections.deque(maxlen=100_000)
         self.steps = self.mixed_steps = 0  # mixed: prompt chunks and decode tokens in one forward
+        self.progress = Progress()  # steps done, for the supervisor's liveness rule (liveness.py)
         self._inbox: list[Sequence] = []
         self._cancels: list[LanguageRequest] = []
         self._wake = threading.Condition()
@@ -65,19 +67,9 @@ class Engine:
         most) goes before the queue; when no KV is free for it, the next forward of the others
         answers it (finish_reason "probe"): a busy engine is alive, not hung."""
         source = self.puller.open(prompt) if isinstance(prompt, (bytes, str)) else prompt
-        params, length, limit = request.params, source.length, self.config.max_model_len
+        params, length = request.params, source.length
         try:
-            if self._stopping:
-                raise UnavailableError("language model is shutting down")
-            if length >= limit:
-                raise InvalidInputError(f"prompt is {length} tokens, over the max model length of {limit}")
-            params.max_tokens = min(params.max_tokens, limit - length)
-            need = blocks_for(length + params.max_tokens, self.kv.block_size)
-            if need > self.kv.num_blocks:
-                raise InvalidInputError(
-                    f"max_tokens: prompt ({length}) + max_tokens ({params.max_tokens}) needs "
-                    f"{need * self.kv.block_size} KV tokens, over the KV cache capacity of "
-                    f"{self.kv.num_blocks * self.kv.block_size}")
+            self._check(request, length)
         except EpdError:
             source.close()
             raise
@@ -91,6 +83,11 @@ class Engine:
         with self._wake:
             self._inbox.append(seq)
             self._wake.notify()
+
+    def _check(self, request: LanguageRequest, length: int) -> None:
+        if self._stopping:
+            raise UnavailableError("language model is shutting down")
+        self.scheduler.check(request.params, length, len(self._inbox), request.probe)
 
     def cancel(self, request: LanguageRequest) -> None:
         """A message to the loop: end this request's sequence (queued or running) as cancelled."""
@@ -120,11 +117,14 @@ class Engine:
                     if seq.request.cancelled:  # cancelled before it got here (while encoding)
                         cancels.append(seq.request)
                 self._inbox.clear()
+            self.progress.begin()
+            t0 = time.perf_counter()
             try:
                 self._cancel(cancels)
                 self.step()
             except Exception as e:  # a bug must not leave requests hanging: fail everything in flight
                 self._fail_all(e)
+            self.progress.done(time.perf_counter() - t0, self.progress.units, self.scheduler.has_work())
 
     def _fail_all(self, e: Exception) -> None:
         """Every sequence in flight ends with INTERNAL naming its request; the log has the traceback."""
@@ -137,6 +137,9 @@ class Engine:
     def step(self) -> None:
         """admit → pull → schedule → run → postprocess."""
         now = time.perf_counter()
+        for seq in self.scheduler.overdue(now - self.config.max_queue_s):
+            self._finish(seq, None, UnavailableError(
+                f"waited {now - seq.submitted:.0f} s for the engine (max_queue_s {self.config.max_queue_s:g}); retry"))
         for seq in self.scheduler.admit():
             self.timings.append(("queue", now - seq.submitted))
             self.prefix_queried_tokens += seq.prompt_len if self.kv.prefix_caching else 0
@@ -180,6 +183,7 @@ class Engine:
         return chunks
 
     def _run(self, chunks: list[PreparedChunk], decodes: list[Sequence]) -> None:
+        self.progress.units = len(decodes) + sum(c.seq.next_chunk_tokens() for c in chunks)
         sampled, logits = self.runner.run(chunks, decodes)
         self.steps += 1
         self.mixed_steps += bool(chunks and decodes)

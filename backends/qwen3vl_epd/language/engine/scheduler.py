@@ -6,12 +6,13 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from qwen3vl_epd.errors import EpdError
+from qwen3vl_epd.errors import EpdError, InvalidInputError, UnavailableError
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.sequence import Sequence, Status
 from qwen3vl_epd.language.request import Piece
-from qwen3vl_epd.language.sampling import finish_reason
+from qwen3vl_epd.language.sampling import SamplingParams, finish_reason
 from qwen3vl_epd.settings import Settings
+from qwen3vl_epd.transfer.blocks import blocks_for
 
 
 class Scheduler:
@@ -23,8 +24,25 @@ class Scheduler:
     def __init__(self, kv: PagedKVCache, config: Settings, eos_ids: set[int]):
         self.kv, self.eos_ids = kv, eos_ids
         self.max_batched_tokens, self.max_running = max(config.max_batched_tokens, 1), config.max_running
+        self.max_model_len, self.max_queued = config.max_model_len, config.max_queued_requests
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+
+    def check(self, params: SamplingParams, length: int, arriving: int = 0, probe: bool = False) -> None:
+        """A prompt of `length` tokens against the limits and the queue (`arriving`: sequences on their
+        way in); its max_tokens capped to what the model length leaves. EpdError if it cannot run."""
+        queued = arriving + len(self.waiting)
+        if queued >= self.max_queued and not probe:
+            raise UnavailableError(f"language model is saturated: {queued} requests wait for the engine "
+                                   f"(max_queued_requests {self.max_queued}); retry")
+        if length >= self.max_model_len:
+            raise InvalidInputError(f"prompt is {length} tokens, over the max model length of {self.max_model_len}")
+        params.max_tokens = min(params.max_tokens, self.max_model_len - length)
+        need = blocks_for(length + params.max_tokens, self.kv.block_size)
+        if need > self.kv.num_blocks:
+            raise InvalidInputError(
+                f"max_tokens: prompt ({length}) + max_tokens ({params.max_tokens}) needs {need * self.kv.block_size} "
+                f"KV tokens, over the KV cache capacity of {self.kv.num_blocks * self.kv.block_size}")
 
     def add(self, seq: Sequence) -> None:
         if seq.probe:
@@ -53,6 +71,17 @@ class Scheduler:
             self.running.append(seq)
             admitted.append(seq)
         return admitted
+
+    def overdue(self, submitted_before: float) -> list[Sequence]:
+        """Waiting sequences submitted before this time (oldest first: only the head is looked at)."""
+        out = []
+        for seq in self.waiting:
+            if seq.probe:
+                continue
+            if seq.submitted >= submitted_before:
+                break
+            out.append(seq)
+        return out
 
     def prefilling(self) -> list[Sequence]:
         """Admitted sequences whose next prompt chunk has not arrived yet."""

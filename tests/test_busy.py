@@ -1,0 +1,118 @@
+"""A busy server is never restarted by its own supervisor: a vision tower whose batches take
+seconds, 16 image requests at a time through both endpoints, while the supervisor's probe timeout
+is shorter than one batch. A frozen model process under that load is still found within its bound."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from client import RequestError, generate, text_of
+from qwen3vl_epd.liveness import Bounds, read_beat
+from support.checkpoints import slow_vision_checkpoint
+from support.faults import (
+    FREEZER,
+    NO_FREEZER,
+    back,
+    freeze,
+    not_ready_after,
+    pools_empty,
+    restarts,
+    soak,
+    stub_pid,
+    thaw,
+)
+from support.prompts import ask_with_image, noise_jpeg
+from support.tritonserver import TritonServer
+
+pytestmark = pytest.mark.chaos
+
+PROBE_TIMEOUT_S = 1.0  # shorter than one vision batch of this checkpoint (checked below)
+SIDE = 448  # 784 patches an image: a batch of 8 takes seconds on this machine's CPUs
+SOAK_SIDE = 224  # smaller images, so that 500 requests fit in a few minutes
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    checkpoint = slow_vision_checkpoint(tmp_path_factory.mktemp("slow") / "slow")
+    s = TritonServer(tmp_path_factory.mktemp("busy") / "server.log", env={"EPD_CHECKPOINT": str(checkpoint)},
+                     supervised=True, args=[f"--probe-timeout-s={PROBE_TIMEOUT_S}"])
+    yield s
+    s.stop()
+
+
+def ask(server, endpoint: str, i: int) -> int:
+    """One request with a new image (no encoder cache hit): its output tokens."""
+    return ask_with_image(server, endpoint, noise_jpeg(SIDE, seed=i), model="slow")
+
+
+def test_one_vision_batch_takes_longer_than_the_probe_timeout(server):
+    """What makes the rest mean something: a probe queued behind a running batch would time out."""
+    images = [noise_jpeg(SIDE, seed=10_000 + i) for i in range(8)]
+    t0 = time.monotonic()
+    text_of(generate(server.grpc_url, "Describe these.", images, max_tokens=1, timeout=600))
+    assert time.monotonic() - t0 > 2 * PROBE_TIMEOUT_S
+
+
+@pytest.mark.parametrize("endpoint", ["grpc", "openai"])
+def test_64_image_requests_at_concurrency_16_are_all_served_without_a_restart(server, endpoint):
+    before = restarts(server)
+    offset = 1000 if endpoint == "openai" else 0  # other images than the other endpoint's
+    with ThreadPoolExecutor(16) as pool:
+        served = list(pool.map(lambda i: ask(server, endpoint, offset + i), range(64)))
+    assert served == [4] * 64
+    assert restarts(server) == before, server.log_path.read_text()[-2000:]
+    pools_empty(server)
+
+
+def test_a_frozen_encoder_under_load_is_found_within_its_bound(server):
+    if FREEZER is None:
+        pytest.skip(NO_FREEZER)
+    outcomes = []
+
+    def one(i):
+        try:
+            outcomes.append(ask(server, "grpc", 5000 + i))
+        except RequestError as e:
+            outcomes.append(e.code)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    encoder = stub_pid(server, "encoder")
+    deadline = time.monotonic() + 60
+    while not ((beat := read_beat(encoder)) and beat.busy):  # frozen in the middle of a batch
+        assert time.monotonic() < deadline, "the encoder never took the batch"
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    try:
+        freeze(encoder)
+        not_ready = not_ready_after(server, t0)
+    finally:
+        thaw()
+    for t in threads:
+        t.join(60)
+    print(f"frozen encoder under load: not ready after {not_ready:.2f} s; outcomes {sorted(map(str, outcomes))}")
+    assert not_ready <= Bounds().heartbeat_s + 1.5
+    assert len(outcomes) == 8 and set(outcomes) <= {4, "UNAVAILABLE"}
+    assert back(server, t0) <= 60
+    pools_empty(server)
+
+
+def test_soak_500_mixed_requests_at_concurrency_16_with_the_encoder_killed_midway(server):
+    """Text, one and two new images a request; the encoder's process killed at request 250: every
+    request ends with its answer (retrying UNAVAILABLE, as a client would), none hangs, nothing
+    leaks, and the model processes' memory stays flat after warm-up."""
+    def request(i):
+        images = [noise_jpeg(SOAK_SIDE, seed=20_000 + 2 * i + k) for k in range(i % 3)]
+        return ["Hi, tell me something.", "Describe this image.", "Compare <image> and <image>."][i % 3], images
+
+    outcomes, retried, rss = soak(server, request, 500, 16, kill_at=250, model="encoder")
+    print(f"slow soak: {outcomes.count('ok')} of 500 served, {retried} after UNAVAILABLE retries; "
+          f"RSS KiB at 325 {rss.get(325)}, at 500 {rss.get(500)}")
+    assert outcomes == ["ok"] * 500, {o: outcomes.count(o) for o in set(outcomes)}
+    assert retried > 0  # the kill was felt
+    for model in ("language", "encoder"):
+        assert rss[500][model] <= rss[325][model] * 1.1 + 20_000, (model, rss)
+    pools_empty(server)
