@@ -331,6 +331,8 @@ def test_a_fresh_clone_stays_clean_after_serving(tmp_path):
     from support.tritonserver import free_ports
 
     clone = tmp_path / "clone"
+    # This venv up to date first: else the clone's set-up would install the clone's package into it.
+    subprocess.run([str(ROOT / "scripts" / "setup")], check=True, capture_output=True)
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
     http, grpc, metrics = free_ports(3)
     env = {**os.environ, "EPD_VENV": str(ROOT / ".venv"), "PYTHONPATH": str(clone / "backends"),
