@@ -1,6 +1,7 @@
 """Faults the chaos tests inject into a supervised server, and what they watch it by."""
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -9,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from client import RequestError, generate, text_of
+from qwen3vl_epd.ops.launch import MODEL_REPOSITORY
 from qwen3vl_epd.ops.stubs import children
 from support.prompts import image_bytes
 
@@ -71,6 +73,20 @@ def restarts(server) -> int:
     return sum(line.startswith("supervisor: restarting tritonserver") for line in server.log_path.open())
 
 
+def patched_repository(where: Path, prelude: str) -> Path:
+    """model_repository/ with `prelude` run before the language model's model.py (the other models
+    linked as they are): how a test puts a fault inside a real model process."""
+    where.mkdir()
+    for model in MODEL_REPOSITORY.iterdir():
+        if model.name != "language":
+            (where / model.name).symlink_to(model)
+    (where / "language" / "1").mkdir(parents=True)
+    shutil.copy(MODEL_REPOSITORY / "language" / "config.pbtxt", where / "language")
+    source = (MODEL_REPOSITORY / "language" / "1" / "model.py").read_text()
+    (where / "language" / "1" / "model.py").write_text(prelude + source)
+    return where
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -78,13 +94,14 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def soak(server, request, n: int, concurrency: int, kill_at: int, stub=stub_pid, model: str = "language"):
+def soak(server, request, n: int, concurrency: int, kill_at: int, warm_at: int, stub=stub_pid,
+         model: str = "language"):
     """n requests (`request(i)`: text and images) at `concurrency`, the model process of `model`
-    SIGKILLed after request `kill_at`, resident memory of both model processes at 65% (warmed up,
-    after the kill) and at the end. Clients retry UNAVAILABLE for up to 90 s, as a client would.
-    (outcomes, requests that needed a retry, {request number: {model: KiB}})."""
+    SIGKILLed after request `kill_at`, resident memory of both model processes after request
+    `warm_at` (warmed up, after the kill) and at the end. Clients retry UNAVAILABLE for up to 90 s,
+    as a client would. (outcomes, requests that needed a retry, {request number: {model: KiB}})."""
     done, rss = threading.Semaphore(0), {}
-    marks = (int(n * 0.65), n)
+    marks = (warm_at, n)
 
     def one(i):
         text, images = request(i)
@@ -134,11 +151,12 @@ NO_FREEZER = "HANG CHAOS TESTS SKIPPED: no writable cgroup freezer (needs root);
 
 
 def freeze(pid: int) -> None:
-    """A hang that the process state does not show: frozen by the cgroup freezer (state D, like a
-    wedged driver call; not even SIGKILL ends it until thawed). Only its heartbeat shows it."""
+    """A hang that the process state does not show: the whole process (every thread: cgroup.procs,
+    in v1 as in v2) frozen by the cgroup freezer (state D; not even SIGKILL ends it until thawed).
+    Only its heartbeat shows it; one wedged thread is tests/test_busy.py's wedged engine."""
     FROZEN.mkdir(exist_ok=True)
     v1 = (FROZEN / "freezer.state").exists()
-    (FROZEN / ("tasks" if v1 else "cgroup.procs")).write_text(str(pid))
+    (FROZEN / "cgroup.procs").write_text(str(pid))
     (FROZEN / ("freezer.state" if v1 else "cgroup.freeze")).write_text("FROZEN" if v1 else "1")
 
 
@@ -149,6 +167,6 @@ def thaw() -> None:
     v1 = (FROZEN / "freezer.state").exists()
     (FROZEN / ("freezer.state" if v1 else "cgroup.freeze")).write_text("THAWED" if v1 else "0")
     deadline = time.monotonic() + 10
-    while (FROZEN / ("tasks" if v1 else "cgroup.procs")).read_text().strip() and time.monotonic() < deadline:
+    while (FROZEN / "cgroup.procs").read_text().strip() and time.monotonic() < deadline:
         time.sleep(0.1)
     FROZEN.rmdir()

@@ -2,14 +2,17 @@
 seconds, 16 image requests at a time through both endpoints, while the supervisor's probe timeout
 is shorter than one batch. A frozen model process under that load is still found within its bound."""
 
+import textwrap
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import tritonclient.grpc as grpcclient
 
 from client import RequestError, generate, text_of
 from qwen3vl_epd.liveness import Bounds, read_beat
+from qwen3vl_epd.wire import request_inputs
 from support.checkpoints import slow_vision_checkpoint
 from support.faults import (
     FREEZER,
@@ -17,6 +20,7 @@ from support.faults import (
     back,
     freeze,
     not_ready_after,
+    patched_repository,
     pools_empty,
     restarts,
     soak,
@@ -101,18 +105,62 @@ def test_a_frozen_encoder_under_load_is_found_within_its_bound(server):
 
 
 def test_soak_500_mixed_requests_at_concurrency_16_with_the_encoder_killed_midway(server):
-    """Text, one and two new images a request; the encoder's process killed at request 250: every
+    """Text, one and two new images a request; the encoder's process killed at request 100: every
     request ends with its answer (retrying UNAVAILABLE, as a client would), none hangs, nothing
     leaks, and the model processes' memory stays flat after warm-up."""
     def request(i):
         images = [noise_jpeg(SOAK_SIDE, seed=20_000 + 2 * i + k) for k in range(i % 3)]
         return ["Hi, tell me something.", "Describe this image.", "Compare <image> and <image>."][i % 3], images
 
-    outcomes, retried, rss = soak(server, request, 500, 16, kill_at=250, model="encoder")
+    outcomes, retried, rss = soak(server, request, 500, 16, kill_at=100, warm_at=300, model="encoder")
     print(f"slow soak: {outcomes.count('ok')} of 500 served, {retried} after UNAVAILABLE retries; "
-          f"RSS KiB at 325 {rss.get(325)}, at 500 {rss.get(500)}")
+          f"RSS KiB at 300 {rss.get(300)}, at 500 {rss.get(500)}")
     assert outcomes == ["ok"] * 500, {o: outcomes.count(o) for o in set(outcomes)}
     assert retried > 0  # the kill was felt
     for model in ("language", "encoder"):
-        assert rss[500][model] <= rss[325][model] * 1.1 + 20_000, (model, rss)
+        assert rss[500][model] <= rss[300][model] * 1.1 + 20_000, (model, rss)
     pools_empty(server)
+
+
+# Put before the language model's model.py: a forward holding a request "epd-wedge-…" never
+# returns (a wedged call), while the rest of the process (its heartbeat thread) lives on.
+WEDGE = textwrap.dedent('''
+    import threading
+
+    from qwen3vl_epd.language.engine import model_runner
+
+    _run = model_runner.ModelRunner.run
+
+    def _wedged(self, chunks, decodes):
+        seqs = [c.seq for c in chunks] + list(decodes)
+        if any(s.request is not None and s.request.id.startswith("epd-wedge-") for s in seqs):
+            threading.Event().wait()
+        return _run(self, chunks, decodes)
+
+    model_runner.ModelRunner.run = _wedged
+''')
+
+
+def test_a_wedged_engine_is_found_by_its_progress_bound(tmp_path, checkpoint):
+    """Its heartbeat goes on, it holds work and never finishes a step: hung after the bound its own
+    rates give (the tiny model's steps are milliseconds, so the floor), not before."""
+    repository = patched_repository(tmp_path / "repository", WEDGE)
+    s = TritonServer(tmp_path / "server.log", env={"EPD_CHECKPOINT": checkpoint}, supervised=True,
+                     args=[f"--model-repository={repository}"])
+    try:
+        for _ in range(3):  # some history: the engine's rates
+            text_of(generate(s.grpc_url, "Hi!", max_tokens=4))
+        client = grpcclient.InferenceServerClient(s.grpc_url)
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer("language", request_inputs("Hi!", [], True, {"max_tokens": 4}),
+                                  request_id="epd-wedge-1")
+        t0 = time.monotonic()
+        found = not_ready_after(s, t0, 60)
+        client.stop_stream()
+        print(f"wedged engine: not ready after {found:.2f} s")
+        floor = Bounds().floor_s
+        assert floor - 0.5 <= found <= floor + 3
+        assert "is hung: no progress" in s.log_path.read_text()
+        assert back(s, t0) <= 60
+    finally:
+        s.stop()

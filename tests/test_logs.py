@@ -2,17 +2,15 @@
 and the server log has the same request id with the traceback."""
 
 import queue
-import shutil
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import tritonclient.grpc as grpcclient
 
 from client import generate, text_of
-from qwen3vl_epd.ops.launch import MODEL_REPOSITORY
 from qwen3vl_epd.wire import request_inputs
+from support.faults import patched_repository
 from support.tritonserver import TritonServer
 
 pytestmark = pytest.mark.triton
@@ -34,21 +32,8 @@ FAULT = textwrap.dedent('''
 ''')
 
 
-def faulty_repository(where: Path) -> Path:
-    """model_repository/ with the fault in the language model (the other models linked as they are)."""
-    where.mkdir()
-    for model in MODEL_REPOSITORY.iterdir():
-        if model.name != "language":
-            (where / model.name).symlink_to(model)
-    (where / "language" / "1").mkdir(parents=True)
-    shutil.copy(MODEL_REPOSITORY / "language" / "config.pbtxt", where / "language")
-    source = (MODEL_REPOSITORY / "language" / "1" / "model.py").read_text()
-    (where / "language" / "1" / "model.py").write_text(FAULT + source)
-    return where
-
-
 def test_an_internal_error_is_logged_with_its_traceback_and_request_id(tmp_path, checkpoint):
-    repository = faulty_repository(tmp_path / "repository")
+    repository = patched_repository(tmp_path / "repository", FAULT)
     log = tmp_path / "server.log"
     s = TritonServer(log, env={"EPD_CHECKPOINT": checkpoint}, args=[f"--model-repository={repository}"])
     try:

@@ -38,8 +38,10 @@ class Beat:
 @dataclass(frozen=True)
 class Bounds:
     heartbeat_s: float = 5.0
-    floor_s: float = 30.0
-    factor: float = 4.0
+    floor_s: float = 10.0
+    # Generous: work of the same size can take longer than its rate says (attention grows with the
+    # square of an image's patches), and a healthy server killed is what this rule exists to prevent.
+    factor: float = 8.0
     ceiling_s: float = 900.0
 
     def progress_s(self, beat: Beat) -> float:
