@@ -136,6 +136,16 @@ def soak(server, request, n: int, concurrency: int, kill_at: int, warm_at: int, 
     return [o for o, _ in results], sum(1 for _, tries in results if tries > 1), rss
 
 
+def assert_soaked(label: str, n: int, warm_at: int, outcomes: list[str], retried: int, rss: dict) -> None:
+    """Every one of n requests served (the kill felt: some retried), memory flat after warm-up."""
+    print(f"{label}: {outcomes.count('ok')} of {n} served, {retried} after UNAVAILABLE retries; "
+          f"RSS KiB at {warm_at} {rss.get(warm_at)}, at {n} {rss.get(n)}")
+    assert outcomes == ["ok"] * n, {o: outcomes.count(o) for o in set(outcomes)}
+    assert retried > 0  # the kill was felt
+    for model in ("language", "encoder"):
+        assert rss[n][model] <= rss[warm_at][model] * 1.1 + 20_000, (model, rss)
+
+
 def freezer_root() -> Path | None:
     """A cgroup freezer hierarchy this process may write (v1 `freezer`, else v2), or None."""
     for line in Path("/proc/mounts").read_text().splitlines():

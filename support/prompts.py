@@ -95,17 +95,9 @@ class Collector:
 def language_request_inputs(handle: bytes) -> list:
     """gRPC inputs of a long stream sent straight to the decoupled language model (ensembles, in
     tritonserver 2.51, pass a cancellation on only between steps, so a running last step never sees it)."""
-    import tritonclient.grpc as grpcclient
+    from qwen3vl_epd.wire import bytes_input, request_inputs
 
-    inputs = []
-    for name, (dtype, value) in {"handle": ("BYTES", np.array([[handle]], dtype=np.object_)),
-                                 "stream": ("BOOL", np.array([[True]])),
-                                 "max_tokens": ("INT32", np.array([[4000]], dtype=np.int32)),
-                                 "ignore_eos": ("BOOL", np.array([[True]]))}.items():
-        t = grpcclient.InferInput(name, list(value.shape), dtype)
-        t.set_data_from_numpy(value)
-        inputs.append(t)
-    return inputs
+    return [bytes_input("handle", [handle]), *request_inputs(None, [], True, {"max_tokens": 4000, "ignore_eos": True})]
 
 
 def ask_with_image(server, endpoint: str, image: bytes, max_tokens: int = 4, model: str = "tiny") -> int:

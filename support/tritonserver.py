@@ -129,14 +129,12 @@ class TritonServer:
         """Send a handle straight to the language model; the error message, or '' on success."""
         import tritonclient.grpc as grpcclient
 
+        from qwen3vl_epd.wire import bytes_input, value_input
+
         results = queue.Queue()
         client = grpcclient.InferenceServerClient(self.grpc_url)
         client.start_stream(callback=lambda result, error: results.put((result, error)))
-        t = grpcclient.InferInput("handle", [1, 1], "BYTES")
-        t.set_data_from_numpy(np.array([[handle]], dtype=np.object_))
-        m = grpcclient.InferInput("max_tokens", [1, 1], "INT32")
-        m.set_data_from_numpy(np.array([[max_tokens]], dtype=np.int32))
-        client.async_stream_infer("language", [t, m])
+        client.async_stream_infer("language", [bytes_input("handle", [handle]), value_input("max_tokens", max_tokens)])
         try:
             while True:
                 result, error = results.get(timeout=60)

@@ -17,6 +17,7 @@ from support.checkpoints import slow_vision_checkpoint
 from support.faults import (
     FREEZER,
     NO_FREEZER,
+    assert_soaked,
     back,
     freeze,
     not_ready_after,
@@ -112,13 +113,7 @@ def test_soak_500_mixed_requests_at_concurrency_16_with_the_encoder_killed_midwa
         images = [noise_jpeg(SOAK_SIDE, seed=20_000 + 2 * i + k) for k in range(i % 3)]
         return ["Hi, tell me something.", "Describe this image.", "Compare <image> and <image>."][i % 3], images
 
-    outcomes, retried, rss = soak(server, request, 500, 16, kill_at=100, warm_at=300, model="encoder")
-    print(f"slow soak: {outcomes.count('ok')} of 500 served, {retried} after UNAVAILABLE retries; "
-          f"RSS KiB at 300 {rss.get(300)}, at 500 {rss.get(500)}")
-    assert outcomes == ["ok"] * 500, {o: outcomes.count(o) for o in set(outcomes)}
-    assert retried > 0  # the kill was felt
-    for model in ("language", "encoder"):
-        assert rss[500][model] <= rss[300][model] * 1.1 + 20_000, (model, rss)
+    assert_soaked("slow soak", 500, 300, *soak(server, request, 500, 16, kill_at=100, warm_at=300, model="encoder"))
     pools_empty(server)
 
 

@@ -14,6 +14,7 @@ from qwen3vl_epd.ops.supervisor import Stub, children, is_stub
 from support.faults import (
     FREEZER,
     NO_FREEZER,
+    assert_soaked,
     back,
     freeze,
     not_ready_after,
@@ -181,13 +182,8 @@ def test_soak_1000_mixed_requests_with_a_model_process_killed_at_500(server):
     after warm-up (measured on the processes started after the kill)."""
     mix = [("Hi", []), ("Describe this image.", [image_bytes("small_64x64.webp")]),
            ("Compare <image> and <image>.", [image_bytes("small_64x64.webp"), image_bytes("one_pixel.png")])]
-    outcomes, retried, rss = soak(server, lambda i: mix[i % len(mix)], 1000, 8, kill_at=500, warm_at=650, stub=stub_of)
-    print(f"soak: {outcomes.count('ok')} of 1000 served, {retried} after UNAVAILABLE retries; "
-          f"RSS KiB at 650 {rss.get(650)}, at 1000 {rss.get(1000)}")
-    assert outcomes == ["ok"] * 1000, {o: outcomes.count(o) for o in set(outcomes)}
-    assert retried > 0  # the kill was felt
-    for model in ("language", "encoder"):
-        assert rss[1000][model] <= rss[650][model] * 1.1 + 20_000, (model, rss)
+    assert_soaked("soak", 1000, 650, *soak(server, lambda i: mix[i % len(mix)], 1000, 8, kill_at=500, warm_at=650,
+                                            stub=stub_of))
     pools_empty(server)
 
 

@@ -182,7 +182,7 @@ class Supervisor:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        for pid, stub in stubs.items():
+        for pid, stub in {**self.stubs, **stubs}.items():  # those that died before this too
             Path("/dev/shm", stub.region).unlink(missing_ok=True)
             beat_path(pid).unlink(missing_ok=True)
 
