@@ -8,13 +8,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from qwen3vl_epd.prompt import messages as chat
 from qwen3vl_epd.wire import CODE_PREFIX, message_code
 
 # Triton error code (the "[CODE] " prefix of every model error) → HTTP status and OpenAI error type.
 STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "service_unavailable"),
           "CANCELLED": (499, "cancelled"), "NOT_FOUND": (404, "not_found_error"),
           "UNSUPPORTED": (400, "invalid_request_error")}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {**{role: role for role in chat.ROLES}, **chat.ROLE_ALIASES}
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos")
 # Fields we cannot honour: refused rather than silently ignored (value that means "off" passes).
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
@@ -106,13 +107,13 @@ def _messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
         param = f"messages[{t}]"
         role = turn.get("role") if isinstance(turn, dict) else None
         if role not in ROLES:
-            raise invalid(f"{param}.role: {role!r} is not supported (system, developer, user, assistant)", param)
+            raise invalid(f"{param}.role: {role!r} is not supported ({', '.join(ROLES)})", param)
         content = turn.get("content")
         if isinstance(content, list):
             for p, part in enumerate(content):
                 url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
                 link = url.get("url") if isinstance(url, dict) else url
-                if isinstance(link, str) and link.startswith(("http://", "https://")):
+                if chat.is_remote_url(link):
                     remote.append((f"{param}.content[{p}].image_url", url))
         out.append({"role": ROLES[role], "content": content})
     return out, remote

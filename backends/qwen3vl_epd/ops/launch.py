@@ -29,7 +29,7 @@ PROBED = {"all": ["language", "encoder"], "encoder": ["encoder"], "language": ["
 
 
 def pytriton_backend_dir(work_dir: Path) -> tuple[Path, Path]:
-    """(tritonserver binary, backend directory) from nvidia-pytriton, per DESIGN §7."""
+    """(tritonserver binary, backend directory) from nvidia-pytriton (../shared/DESIGN.md: installing Triton)."""
     import pytriton
 
     base = Path(pytriton.__file__).parent / "tritonserver"

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from qwen3vl_epd.errors import InvalidInputError
 
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system turn
+
+
+def is_remote_url(value) -> bool:
+    """An http(s) image URL: fetched only by the OpenAI server when enabled, never by the model."""
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
 @dataclass
@@ -91,7 +97,7 @@ def _image_ref(part: dict, at: str) -> int | bytes | None:
         return value
     if isinstance(value, str) and value.startswith("data:"):
         return value.encode()
-    if isinstance(value, str) and value.startswith(("http://", "https://")):
+    if is_remote_url(value):
         raise InvalidInputError(f"{at}: remote image URLs are not fetched by the model; send the image "
                                 "bytes in `image` or a data: URL (the OpenAI server can fetch them when enabled)")
     raise InvalidInputError(f"{at}: an image is an index into `image` or a data: URL")

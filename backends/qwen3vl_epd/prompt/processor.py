@@ -108,7 +108,7 @@ class Processor:
 
     def process(self, text: str, images: list[bytes] = (), raw_prompt: bool = False,
                 cache: ImageLookup | None = None) -> ProcessedPrompt:
-        """DESIGN §5 semantics of `text_input` + `image` + `raw_prompt`; an image found in `cache`
+        """The semantics of `text_input` + `image` + `raw_prompt` (README: Interface); an image found in `cache`
         is neither decoded nor cut into patches."""
         if len(images) > self.limits.max_images:
             raise TooManyImagesError(

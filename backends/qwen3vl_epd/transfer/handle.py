@@ -33,7 +33,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class Handle:
-    """Where and how to read one staged request (DESIGN §4), signed by the encoder over every field."""
+    """Where and how to read one staged request (docs/design.md), signed by the encoder over every field."""
 
     peer: str
     slot: int
