@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qwen3vl_epd.language.request import LanguageRequest, Phase, Piece
 
@@ -17,10 +17,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Reply:
-    """Where one request's responses go: its Triton response sender."""
+    """Where one request's responses go: its Triton response sender, and Triton's is_cancelled,
+    which must never run once the final response is sent (tritonserver frees the request then,
+    and asking it segfaults the server)."""
 
     sender: object
+    is_cancelled: Callable[[], bool] = lambda: False
     request: LanguageRequest | None = None
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cancelled(self) -> bool:
+        with self.lock:
+            return not self.closed and self.is_cancelled()
+
+    def close(self) -> None:
+        """Before the final response: no is_cancelled starts after this, none is still running."""
+        with self.lock:
+            self.closed = True
 
 
 def merge_pieces(batch: list[tuple[object, Piece]]) -> list[tuple[object, Piece]]:
@@ -78,6 +92,8 @@ class Outbox:
             while not self._queue.empty() and (item := self._queue.get()) is not None:
                 batch.append(item)
             for reply, piece in merge_pieces(batch):
+                if piece.final:
+                    reply.close()
                 try:
                     self.send(reply.sender, piece)
                 except Exception:  # the client is gone: its generation stops

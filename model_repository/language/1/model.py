@@ -1,6 +1,7 @@
 """Triton adapter of the language model (decoupled), the client-facing entry: prompt + images (or
 a handle) + sampling → LanguageService → streamed text."""
 
+import logging
 import time
 
 import triton_python_backend_utils as pb_utils
@@ -17,6 +18,7 @@ from qwen3vl_epd.triton_backend.outbox import CancelWatch, Outbox, Reply, accumu
 from qwen3vl_epd.wire import PROBE_ID_PREFIX
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+log = logging.getLogger("qwen3vl_epd.language")
 
 
 class TritonPythonModel:
@@ -39,7 +41,7 @@ class TritonPythonModel:
         return None
 
     def _start(self, request, arrived):
-        reply = Reply(request.get_response_sender())
+        reply = Reply(request.get_response_sender(), request.is_cancelled)
         get = lambda name: ta.read(request, name)  # noqa: E731
         handle = first(get("handle"), bytes)
         try:
@@ -52,14 +54,19 @@ class TritonPythonModel:
             rid = request.request_id() or new_request_id()
             respond = accumulate(bool(first(get("stream")) or False), lambda piece: self.outbox.put(reply, piece))
             reply.request = LanguageRequest(params, respond, rid, arrived, probe=rid.startswith(PROBE_ID_PREFIX))
-            self.watch.add(reply.request, request.is_cancelled)
+            self.watch.add(reply.request, reply.cancelled)
             if handle is not None:
                 self.service.start(reply.request, handle=handle)
             else:
                 self.service.start(reply.request, prompt_inputs(get))
-        except EpdError as e:
+        except Exception as e:
+            if not isinstance(e, EpdError):  # a bug: the log has the traceback, the client the request id
+                rid = reply.request.id if reply.request is not None else request.request_id()
+                log.exception("request %s: internal error at its start", rid)
+                e = EpdError(f"internal error (request {rid}): {e!r}")
             if reply.request is not None:
                 reply.request.phase = Phase.DONE
+            reply.close()
             reply.sender.send(ta.exception_response(e), flags=FINAL)
             self._update_metrics()
 
