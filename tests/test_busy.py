@@ -13,21 +13,8 @@ import tritonclient.grpc as grpcclient
 from client import RequestError, generate, text_of
 from qwen3vl_epd.liveness import Bounds, read_beat
 from qwen3vl_epd.wire import request_inputs
+from support import faults
 from support.checkpoints import slow_vision_checkpoint
-from support.faults import (
-    FREEZER,
-    NO_FREEZER,
-    assert_soaked,
-    back,
-    freeze,
-    not_ready_after,
-    patched_repository,
-    pools_empty,
-    restarts,
-    soak,
-    stub_pid,
-    thaw,
-)
 from support.prompts import ask_with_image, noise_jpeg
 from support.tritonserver import TritonServer
 
@@ -62,18 +49,18 @@ def test_one_vision_batch_takes_longer_than_the_probe_timeout(server):
 
 @pytest.mark.parametrize("endpoint", ["grpc", "openai"])
 def test_64_image_requests_at_concurrency_16_are_all_served_without_a_restart(server, endpoint):
-    before = restarts(server)
+    before = faults.restarts(server)
     offset = 1000 if endpoint == "openai" else 0  # other images than the other endpoint's
     with ThreadPoolExecutor(16) as pool:
         served = list(pool.map(lambda i: ask(server, endpoint, offset + i), range(64)))
     assert served == [4] * 64
-    assert restarts(server) == before, server.log_path.read_text()[-2000:]
-    pools_empty(server)
+    assert faults.restarts(server) == before, server.log_path.read_text()[-2000:]
+    faults.pools_empty(server)
 
 
 def test_a_frozen_encoder_under_load_is_found_within_its_bound(server):
-    if FREEZER is None:
-        pytest.skip(NO_FREEZER)
+    if faults.FREEZER is None:
+        pytest.skip(faults.NO_FREEZER)
     outcomes = []
 
     def one(i):
@@ -85,24 +72,24 @@ def test_a_frozen_encoder_under_load_is_found_within_its_bound(server):
     threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(8)]
     for t in threads:
         t.start()
-    encoder = stub_pid(server, "encoder")
+    encoder = faults.stub_pid(server, "encoder")
     deadline = time.monotonic() + 60
     while not ((beat := read_beat(encoder)) and beat.busy):  # frozen in the middle of a batch
         assert time.monotonic() < deadline, "the encoder never took the batch"
         time.sleep(0.05)
     t0 = time.monotonic()
     try:
-        freeze(encoder)
-        not_ready = not_ready_after(server, t0)
+        faults.freeze(encoder)
+        not_ready = faults.not_ready_after(server, t0)
     finally:
-        thaw()
+        faults.thaw()
     for t in threads:
         t.join(60)
     print(f"frozen encoder under load: not ready after {not_ready:.2f} s; outcomes {sorted(map(str, outcomes))}")
     assert not_ready <= Bounds().heartbeat_s + 1.5
     assert len(outcomes) == 8 and set(outcomes) <= {4, "UNAVAILABLE"}
-    assert back(server, t0) <= 60
-    pools_empty(server)
+    assert faults.back(server, t0) <= 60
+    faults.pools_empty(server)
 
 
 def test_soak_500_mixed_requests_at_concurrency_16_with_the_encoder_killed_midway(server):
@@ -113,8 +100,9 @@ def test_soak_500_mixed_requests_at_concurrency_16_with_the_encoder_killed_midwa
         images = [noise_jpeg(SOAK_SIDE, seed=20_000 + 2 * i + k) for k in range(i % 3)]
         return ["Hi, tell me something.", "Describe this image.", "Compare <image> and <image>."][i % 3], images
 
-    assert_soaked("slow soak", 500, 300, *soak(server, request, 500, 16, kill_at=100, warm_at=300, model="encoder"))
-    pools_empty(server)
+    faults.assert_soaked("slow soak", 500, 300,
+                         *faults.soak(server, request, 500, 16, kill_at=100, warm_at=300, model="encoder"))
+    faults.pools_empty(server)
 
 
 # Put before the language model's model.py: a forward holding a request "epd-wedge-…" never
@@ -139,7 +127,7 @@ WEDGE = textwrap.dedent('''
 def test_a_wedged_engine_is_found_by_its_progress_bound(tmp_path, checkpoint):
     """Its heartbeat goes on, it holds work and never finishes a step: hung after the bound its own
     rates give (the tiny model's steps are milliseconds, so the floor), not before."""
-    repository = patched_repository(tmp_path / "repository", WEDGE)
+    repository = faults.patched_repository(tmp_path / "repository", WEDGE)
     s = TritonServer(tmp_path / "server.log", env={"EPD_CHECKPOINT": checkpoint}, supervised=True,
                      args=[f"--model-repository={repository}"])
     try:
@@ -150,12 +138,12 @@ def test_a_wedged_engine_is_found_by_its_progress_bound(tmp_path, checkpoint):
         client.async_stream_infer("language", request_inputs("Hi!", [], True, {"max_tokens": 4}),
                                   request_id="epd-wedge-1")
         t0 = time.monotonic()
-        found = not_ready_after(s, t0, 60)
+        found = faults.not_ready_after(s, t0, 60)
         client.stop_stream()
         print(f"wedged engine: not ready after {found:.2f} s")
         floor = Bounds().floor_s
         assert floor - 0.5 <= found <= floor + 3
         assert "is hung: no progress" in s.log_path.read_text()
-        assert back(s, t0) <= 60
+        assert faults.back(s, t0) <= 60
     finally:
         s.stop()
