@@ -72,20 +72,26 @@ class EncoderService:
         self.encode_seconds, self.encode_count = 0.0, 0
         self.progress = Progress()  # batches done, for the supervisor's liveness rule (liveness.py)
         self._stop = threading.Event()
-        self._reclaimer = threading.Thread(target=self._reclaim_loop, args=(reclaim_interval_s,), daemon=True)
-        self._reclaimer.start()
         log.info("encoder ready: checkpoint %s, dtype %s, device %s, staging pools %s; settings: %s",
                  s.checkpoint_dir, self.encoder.dtype, s.device, self.buffers.capacity(), s.summary())
+        self._reclaimer = threading.Thread(target=self._reclaim_loop, args=(reclaim_interval_s,), daemon=True)
+        self._reclaimer.start()
 
     def _reclaim_loop(self, interval: float) -> None:
-        trimmed, trimmed_at = 0, 0.0
+        trimmed = [0, 0.0]  # batches done and the time at the last trim
         while not self._stop.wait(interval):
-            self.stager.reclaim()
-            # After new batches, while no batch runs (a trim holds the heap's locks for 10-20 ms).
-            if self.progress.count != trimmed and not self.progress.busy and time.monotonic() - trimmed_at >= 1.0:
-                trimmed, trimmed_at = self.progress.count, time.monotonic()
-                trim_heap()
-            self.on_tick()
+            try:  # this thread frees slots: it must outlive any bug in one round
+                self._round(trimmed)
+            except Exception:
+                log.exception("encoder background round failed")
+
+    def _round(self, trimmed: list) -> None:
+        self.stager.reclaim()
+        # After new batches, while no batch runs (a trim holds the heap's locks for 10-20 ms).
+        if self.progress.count != trimmed[0] and not self.progress.busy and time.monotonic() - trimmed[1] >= 1.0:
+            trimmed[:] = self.progress.count, time.monotonic()
+            trim_heap()
+        self.on_tick()
 
     def encode(self, jobs: list[EncodeJob]) -> list[bytes | EpdError]:
         """Handles (or errors) for a batch: one packed vision forward; a bad request fails alone."""

@@ -19,7 +19,10 @@ class TritonPythonModel:
 
     def _metrics(self):
         """On the service's background thread, off the request path."""
-        s, cache = self.service, self.service.cache
+        s = getattr(self, "service", None)  # the first round may come before __init__ has returned
+        if s is None:
+            return
+        cache = s.cache
         self.metrics.report({**s.buffers.in_use(), "seconds": s.encode_seconds, "requests": s.encode_count,
                              "images": s.encoder.images_encoded, "hits": cache.hits if cache else 0,
                              "misses": cache.misses if cache else 0, "cache_bytes": cache.bytes if cache else 0})
