@@ -89,7 +89,8 @@ class Supervisor:
             # Models loaded since through the repository API are watched too; one unloaded is a fault.
             self._find_stubs()
             self._keep_companions()
-            why = self.probe.failure([m for m in self.probe.models if m not in self._busy()])
+            busy = self._busy()  # read once: a beat file per model process
+            why = self.probe.failure([m for m in self.probe.models if m not in busy])
             if why and why.split(":", 1)[0] in self._busy():
                 why = None  # it took work while the probe waited behind it: busy, and its progress is watched
             failed = failed + 1 if why else 0
