@@ -6,10 +6,13 @@ import threading
 import time
 
 import pytest
+import torch
 
 from qwen3vl_epd.errors import UnavailableError
 from qwen3vl_epd.language.encoder_pool import EncoderPool
+from qwen3vl_epd.language.engine.attention import choose_backend
 from qwen3vl_epd.ops.launch import MODEL_REPOSITORY, command, device_repository, role_env, target_hosts
+from qwen3vl_epd.settings import LanguageSettings, pbtxt_parameters
 from qwen3vl_epd.transfer.peers import HostAllowList
 from qwen3vl_epd.transfer.transport import advertised_host
 from support.tritonserver import free_ports
@@ -53,8 +56,8 @@ def test_roles_load_only_their_models(monkeypatch):
 
 
 def test_gpu_configuration_is_generated_not_edited(tmp_path):
-    """--device cuda:N: encoder and language become KIND_GPU instances on GPU N with device cuda:N,
-    in a generated repository whose model.py files are the repository's own; nothing is edited."""
+    """--device cuda:N: encoder and language become KIND_GPU instances on GPU N with device cuda:N
+    and the language model's KV blocks the paged flash attention's 256 tokens, in a generated repository whose model.py files are the repository's own; nothing is edited."""
     before = {p: p.read_text() for p in MODEL_REPOSITORY.glob("*/config.pbtxt")}
     repo = device_repository("cuda:1", tmp_path)
     for model in ("encoder", "language"):
@@ -62,6 +65,9 @@ def test_gpu_configuration_is_generated_not_edited(tmp_path):
         assert "instance_group [ { count: 1 kind: KIND_GPU gpus: [ 1 ] } ]" in config and "KIND_CPU" not in config
         assert 'key: "device" value: { string_value: "cuda:1" }' in config and '"cpu"' not in config
         assert (repo / model / "1" / "model.py").resolve() == (MODEL_REPOSITORY / model / "1" / "model.py").resolve()
+    language = LanguageSettings.from_parameters(pbtxt_parameters(repo / "language" / "config.pbtxt"), env={})
+    assert language.kv_block_size == 256 and choose_backend(language.attention_backend, torch.device("cuda:1"),
+                                                            torch.bfloat16, 256, 128) == "flash"
     assert (repo / "complete" / "config.pbtxt").read_text() == before[MODEL_REPOSITORY / "complete" / "config.pbtxt"]
     assert (repo / "ensemble" / "config.pbtxt").exists()
     argv, _ = command(work_dir=tmp_path, device="cuda:1")

@@ -105,7 +105,8 @@ class LanguageSettings(Settings):
     chunk_tokens: int = 2048  # prompt tokens pulled and prefilled per chunk
     # engine
     kv_cache_tokens: int = 65536  # KV cache budget, in tokens, allocated at start
-    kv_block_size: int = 16
+    kv_block_size: int = 16  # scripts/serve --device cuda makes it 256, the paged flash-attention unit
+    attention_backend: str = "auto"  # auto: flash on CUDA (fp16/bf16, kv_block_size % 256 == 0), else sdpa
     prefix_cache: bool = True  # reuse the KV of full prompt blocks other requests computed (LRU)
     max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
     max_running: int = 256

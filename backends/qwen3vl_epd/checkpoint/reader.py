@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -51,34 +52,49 @@ class CheckpointReader:
         """All tensor names starting with one of `prefixes`."""
         return sorted(n for n in self.files if n.startswith(prefixes))
 
-    def load(self, prefixes: tuple[str, ...], strip: str = "", dtype: torch.dtype | None = None) -> dict:
-        """Tensors whose names start with `prefixes`, read one shard at a time, `strip` removed."""
+    def tensors(self, prefixes: tuple[str, ...], strip: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+        """(name with `strip` removed, host tensor) for each name starting with `prefixes`, one at a
+        time, one shard open at a time: host memory holds the tensor and that shard's mapped pages."""
         by_file: dict[Path, list[str]] = {}
         for name in self.names(prefixes):
             by_file.setdefault(self.files[name], []).append(name)
-        out = {}
         for path, names in by_file.items():
             with safe_open(str(path), framework="pt") as f:
                 for name in names:
-                    t = f.get_tensor(name)
-                    if dtype is not None and t.is_floating_point():
-                        t = t.to(dtype)
-                    out[name[len(strip):] if strip and name.startswith(strip) else name] = t
-        return out
+                    yield (name[len(strip):] if strip and name.startswith(strip) else name), f.get_tensor(name)
 
 
-def materialize(module: torch.nn.Module, state: dict, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load `state` into a module built on the meta device; recompute non-persistent buffers."""
-    expected = module.state_dict()
-    for name, t in state.items():
-        want = expected[name].shape if name in expected else None
-        if name.endswith(_EXPERT_SUFFIXES) and want is not None and t.shape != want:
-            state[name] = t.transpose(1, 2).contiguous()
-    module.load_state_dict(state, strict=True, assign=True)
+def load_module(module: torch.nn.Module, reader: CheckpointReader, prefix: str, dtype: torch.dtype,
+                device: str | torch.device) -> torch.nn.Module:
+    """Fill a module built on the meta device, tensor by tensor: each one goes to the device as it
+    is read, and is converted and (experts) transposed there. Missing or unexpected names are a
+    RuntimeError, as load_state_dict(strict=True) says them."""
+    device = torch.device(device)
+    expected = {name: t.shape for name, t in module.state_dict().items()}
+    seen = set()
+    for name, t in reader.tensors((prefix,), strip=prefix):
+        if name not in expected:
+            raise RuntimeError(f"unexpected tensor {prefix}{name} in {reader.dir}")
+        t = t.to(device)
+        if t.is_floating_point():
+            t = t.to(dtype)
+        if name.endswith(_EXPERT_SUFFIXES) and t.shape != expected[name]:
+            t = t.transpose(1, 2).contiguous()
+        if t.shape != expected[name]:
+            raise RuntimeError(f"{prefix}{name}: shape {tuple(t.shape)} in the checkpoint, {tuple(expected[name])} expected")
+        owner, _, leaf = name.rpartition(".")
+        sub = module.get_submodule(owner)
+        if leaf in sub._parameters:
+            sub._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+        else:
+            sub._buffers[leaf] = t
+        seen.add(name)
+    if missing := sorted(set(expected) - seen):
+        raise RuntimeError(f"{reader.dir} lacks {len(missing)} tensors of {prefix}*: {', '.join(missing[:5])}")
     # Non-persistent buffers (rotary inv_freq) are not in checkpoints; rebuild them on the device.
     for sub in module.modules():
         for name, buf in list(sub.named_buffers(recurse=False)):
             if buf.is_meta:
                 fresh = type(sub)(sub.config).to(device)
                 sub.register_buffer(name, getattr(fresh, name), persistent=False)
-    return module.to(device)
+    return module

@@ -147,10 +147,11 @@ def write_tokenizer(out: Path) -> None:
 
 
 def build_tiny(out_dir: str | os.PathLike, seed: int = 0, dense: bool = False, overrides: dict | None = None,
-               max_shard_size: str | None = None) -> Path:
+               max_shard_size: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write a deterministic tiny random-weight checkpoint (same arguments, same bytes) with
     transformers' own from_config and save_pretrained. `overrides`: config keys to change, with
-    "text_config" / "vision_config" merged into their sections; `max_shard_size`: sharded."""
+    "text_config" / "vision_config" merged into their sections; `max_shard_size`: sharded; `dtype`:
+    the weights' (made in it, not converted: a real-size model fits in memory once)."""
     from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
 
     out = Path(out_dir)
@@ -161,8 +162,10 @@ def build_tiny(out_dir: str | os.PathLike, seed: int = 0, dense: bool = False, o
     values = tiny_config_dict(dense)
     for key, value in (overrides or {}).items():
         values[key] = {**values[key], **value} if key.endswith("_config") else value
+    values.update(dtype=str(dtype).removeprefix("torch."))
+    values["text_config"] = {**values["text_config"], "dtype": values["dtype"]}
     config = AutoConfig.for_model(values.pop("model_type"), **values)
-    model = AutoModelForImageTextToText.from_config(config).to(torch.float32).eval()
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
     model.generation_config = GenerationConfig(
         bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False
     )

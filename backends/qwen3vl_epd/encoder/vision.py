@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from qwen3vl_epd.checkpoint.architecture import architecture
-from qwen3vl_epd.checkpoint.reader import VISION_PREFIX, CheckpointReader, load_config, materialize
+from qwen3vl_epd.checkpoint.reader import VISION_PREFIX, CheckpointReader, load_config, load_module
 from qwen3vl_epd.encoder.cache import EncoderCache
 from qwen3vl_epd.prompt.encoded import CachedImage, EncodedPrompt
 from qwen3vl_epd.prompt.processor import ProcessedPrompt
@@ -32,8 +32,7 @@ class VisionEncoder:
         self.num_deepstack = len(vc.deepstack_visual_indexes)
         with torch.device("meta"):
             visual = architecture(self.config, checkpoint_dir).vision_model._from_config(vc, dtype=dtype)
-        state = CheckpointReader(checkpoint_dir).load((VISION_PREFIX,), strip=VISION_PREFIX, dtype=dtype)
-        self.visual = materialize(visual, state, self.device).eval()
+        self.visual = load_module(visual, CheckpointReader(checkpoint_dir), VISION_PREFIX, dtype, self.device).eval()
         self.merge_unit = vc.spatial_merge_size**2
         self.images_encoded = 0  # images through the vision tower (cache hits and repeats are not)
 

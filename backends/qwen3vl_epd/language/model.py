@@ -12,7 +12,8 @@ from torch import nn
 from transformers import GenerationConfig
 
 from qwen3vl_epd.checkpoint.architecture import architecture
-from qwen3vl_epd.checkpoint.reader import LM_HEAD_PREFIX, TEXT_PREFIX, CheckpointReader, load_config, materialize
+from qwen3vl_epd.checkpoint.reader import LM_HEAD_PREFIX, TEXT_PREFIX, CheckpointReader, load_config, load_module
+from qwen3vl_epd.devices import to_device
 from qwen3vl_epd.language.sampling import Sampler, SamplingParams, finish_reason
 from qwen3vl_epd.prompt.encoded import EncodedPrompt
 
@@ -49,19 +50,11 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 class Attention(Protocol):
-    """Stores a segment's keys and values and computes its attention: [n, heads * head_dim]."""
+    """Stores a flat batch's keys and values and computes its attention: [n, heads * head_dim]
+    (a KVCache for one sequence; engine/attention.py for the engine's batches)."""
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         ...
-
-
-@dataclass
-class Segment:
-    """A run of tokens inside a flat forward batch with the attention they use: one sequence's
-    prompt chunk, or one decode token each of many sequences."""
-
-    attention: Attention
-    num_tokens: int
 
 
 @dataclass
@@ -101,21 +94,25 @@ class LanguageModel:
         with torch.device("meta"):
             text = self.architecture.text_model._from_config(tc, dtype=dtype)
             lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False, dtype=dtype)
-        self.model = materialize(text, reader.load((TEXT_PREFIX,), strip=TEXT_PREFIX, dtype=dtype), self.device).eval()
-        head = reader.load((LM_HEAD_PREFIX,), strip=LM_HEAD_PREFIX, dtype=dtype)
-        if not head and (tc.tie_word_embeddings or getattr(self.config, "tie_word_embeddings", False)):
-            head = {"weight": self.model.embed_tokens.weight}
-        self.lm_head = materialize(lm_head, head, self.device).eval()
+        self.model = load_module(text, reader, TEXT_PREFIX, dtype, self.device).eval()
+        if not reader.names((LM_HEAD_PREFIX,)) and (tc.tie_word_embeddings or getattr(self.config, "tie_word_embeddings", False)):
+            lm_head.weight = self.model.embed_tokens.weight
+        else:
+            load_module(lm_head, reader, LM_HEAD_PREFIX, dtype, self.device)
+        self.lm_head = lm_head.eval()
 
     def embed(self, fill_ids: torch.Tensor, visual_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """embed_tokens(fill_ids) with the visual rows scattered at the image/video pad positions,
-        and those positions; ValueError when pads and rows disagree."""
-        ids = fill_ids.to(self.device, torch.long)
-        visual_index = torch.isin(ids, torch.tensor(self.visual_token_ids, device=ids.device)).nonzero().flatten()
+        """embed_tokens(fill_ids) on the device with the visual rows at the image/video pad
+        positions, and those positions (a host tensor: fill_ids are host data); ValueError when pads
+        and rows disagree."""
+        ids = fill_ids.cpu().to(torch.long)
+        visual_index = torch.isin(ids, torch.tensor(self.visual_token_ids)).nonzero().flatten()
         if visual_index.numel() != visual_rows.shape[0]:
             raise ValueError(f"{visual_index.numel()} image pads but {visual_rows.shape[0]} embedding rows")
-        embeds = self.model.embed_tokens(ids)
-        embeds[visual_index] = visual_rows.to(self.device, self.dtype)
+        embeds = self.model.embed_tokens(to_device(ids, self.device))
+        if visual_index.numel():
+            rows = to_device(visual_rows, self.device).to(self.dtype)
+            embeds.index_copy_(0, to_device(visual_index, self.device), rows)
         return embeds, visual_index
 
     @torch.inference_mode()
@@ -123,56 +120,51 @@ class LanguageModel:
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
-        segments: list[Segment],
+        attention: Attention,
         visual_index: torch.Tensor | None = None,
         deepstack: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Flat batch: embeds [N, H], positions [3, N], segments in order; returns logits at logits_index."""
+        """Flat batch: embeds [N, H], positions [3, N] (long), all on the device; logits at
+        logits_index. Nothing here reads or copies host data (device discipline)."""
         x = embeds.to(self.dtype)
-        cos, sin = self.model.rotary_emb(x, positions.to(self.device, torch.long)[:, None, :])
+        cos, sin = self.model.rotary_emb(x, positions[:, None, :])
         for i, layer in enumerate(self.model.layers):
-            x = x + self._attention(layer, i, layer.input_layernorm(x), cos, sin, segments)
+            x = x + self._attention(layer, i, layer.input_layernorm(x), cos, sin, attention)
             x = x + layer.mlp(layer.post_attention_layernorm(x)[None])[0]
             if deepstack is not None and i < self.num_deepstack and visual_index.numel():
                 h = self.hidden_size
-                x[visual_index] += deepstack[:, i * h : (i + 1) * h].to(self.device, self.dtype)
-        x = self.model.norm(x if logits_index is None else x[logits_index])
+                x.index_add_(0, visual_index, deepstack[:, i * h : (i + 1) * h].to(self.dtype))
+        x = self.model.norm(x if logits_index is None else x.index_select(0, logits_index))
         return self.lm_head(x)
 
-    def _attention(self, layer, layer_idx, h, cos, sin, segments) -> torch.Tensor:
+    def _attention(self, layer, layer_idx, h, cos, sin, attention: Attention) -> torch.Tensor:
         attn = layer.self_attn
         n, hd = h.shape[0], attn.head_dim
         q = attn.q_norm(attn.q_proj(h).view(n, -1, hd)).transpose(0, 1)[None]
         k = attn.k_norm(attn.k_proj(h).view(n, -1, hd)).transpose(0, 1)[None]
         v = attn.v_proj(h).view(n, -1, hd).transpose(0, 1)[None]
         q, k = self.architecture.apply_rotary_pos_emb(q, k, cos, sin)
-        out, start = [], 0
-        for seg in segments:
-            end = start + seg.num_tokens
-            part = slice(start, end)
-            out.append(seg.attention.attend(layer_idx, q[:, :, part], k[:, :, part], v[:, :, part], attn.scaling))
-            start = end
-        return attn.o_proj(torch.cat(out))
+        return attn.o_proj(attention.attend(layer_idx, q, k, v, attn.scaling))
 
     def prefill(self, prompt: EncodedPrompt, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Prefill one (chunk of a) prompt into `cache`; logits of its last token, or of all."""
         embeds, visual_index = self.embed(prompt.fill_ids, prompt.embeddings)
-        n = prompt.length
+        n, dev = prompt.length, self.device
         return self.forward(
             embeds,
-            prompt.mrope_positions.T,
-            [Segment(cache, n)],
-            visual_index,
-            prompt.deepstack if self.num_deepstack else None,
-            None if all_logits else torch.tensor([n - 1]),
+            to_device(prompt.mrope_positions.T.to(torch.long), dev),
+            cache,
+            to_device(visual_index, dev),
+            to_device(prompt.deepstack, dev) if self.num_deepstack else None,
+            None if all_logits else to_device(torch.tensor([n - 1]), dev),
         )
 
     def decode_step(self, token: int, position: int, cache: KVCache) -> torch.Tensor:
         """One token at M-RoPE position `position` on all three axes; logits [1, vocab]."""
-        ids = torch.tensor([token], device=self.device)
-        pos = torch.full((3, 1), position, dtype=torch.long)
-        return self.forward(self.model.embed_tokens(ids), pos, [Segment(cache, 1)])
+        ids = to_device(torch.tensor([token]), self.device)
+        pos = to_device(torch.full((3, 1), position, dtype=torch.long), self.device)
+        return self.forward(self.model.embed_tokens(ids), pos, cache)
 
     def stream(
         self,

@@ -58,32 +58,51 @@ def finish_reason(params: SamplingParams, eos: bool, num_tokens: int, stop_strin
     return None
 
 
+def generator_on(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator on the logits' device (CUDA sampling refuses a CPU one), seeded or from the OS."""
+    g = torch.Generator(device=device)
+    if seed is not None:
+        g.manual_seed(seed)
+    else:
+        g.seed()
+    return g
+
+
 class Sampler:
     """Picks the next token of one sequence; its generator makes seeded runs reproducible."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = None
-        if params.temperature > 0:
-            self.generator = torch.Generator()
-            if params.seed is not None:
-                self.generator.manual_seed(params.seed)
-            else:
-                self.generator.seed()
+        self.generator: torch.Generator | None = None  # made on the first logits' device
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token id from a [vocab] logits row."""
+        return int(self.sample(logits))
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next token id from a [vocab] logits row, as a 0-dim tensor on its device (no host sync)."""
         p = self.params
         if p.temperature <= 0:
-            return int(torch.argmax(logits))
+            return torch.argmax(logits)
+        if self.generator is None:
+            self.generator = generator_on(logits.device, p.seed)
         logits = logits.float() / p.temperature
         if p.top_k > 0:
             kth = torch.topk(logits, min(p.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if p.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
-            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p  # keep the token that crosses top_p
-            logits[order[drop]] = float("-inf")
+            probs = torch.softmax(sorted_logits, -1)
+            drop = probs.cumsum(-1) - probs >= p.top_p  # keep the token that crosses top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
         probs = torch.softmax(logits, -1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.multinomial(probs, 1, generator=self.generator)[0]
+
+
+def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
+    """Row i's next token by samplers[i], all on the logits' device: greedy rows in one argmax."""
+    tokens = logits.argmax(-1)
+    for i, s in enumerate(samplers):
+        if s.params.temperature > 0:
+            tokens[i] = s.sample(logits[i])
+    return tokens

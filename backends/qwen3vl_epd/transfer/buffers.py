@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qwen3vl_epd.devices import host_zeros, visual_device
 from qwen3vl_epd.errors import PoolFullError
 from qwen3vl_epd.settings import EncoderSettings
 from qwen3vl_epd.transfer.blocks import BlockAllocator, blocks_for
@@ -36,6 +37,9 @@ class MultimodalDataBuffers:
     [R, H] and deepstack [R, D*H] (model dtype) share visual block ids, so their memory scales
     with the number of visual tokens V, not the prompt length L. aux [S, 16] int64 holds one
     header per slot, and release [S] int64 is where a reader writes a slot's nonce to free it.
+    The host reads ids, positions, aux and release: they stay in host memory (pinned for a GPU).
+    Embeddings and DeepStack live on `device` when Mooncake can move its memory, else in host
+    memory too (devices.visual_device).
     """
 
     def __init__(
@@ -48,15 +52,18 @@ class MultimodalDataBuffers:
     ):
         self.config = c = config or BufferConfig()
         self.hidden_size, self.num_deepstack, self.dtype = hidden_size, num_deepstack, dtype
-        self.device = torch.device(device)
+        self.device, self.visual_device = torch.device(device), visual_device(device)
         t_rows, v_rows = c.num_token_blocks * c.block_tokens, c.num_visual_blocks * c.block_visual
-        alloc = dict(device=self.device)
-        self.fill_ids = torch.zeros(t_rows, 1, dtype=torch.int32, **alloc)
-        self.mrope_positions = torch.zeros(t_rows, 3, dtype=torch.int32, **alloc)
-        self.embeddings = torch.zeros(v_rows, hidden_size, dtype=dtype, **alloc)
-        self.deepstack = torch.zeros(v_rows, num_deepstack * hidden_size, dtype=dtype, **alloc)
-        self.aux = torch.zeros(c.num_slots, AUX_WIDTH, dtype=torch.int64, **alloc)
-        self.release = torch.zeros(c.num_slots, dtype=torch.int64, **alloc)
+        self.fill_ids = host_zeros(t_rows, 1, dtype=torch.int32, device=device)
+        self.mrope_positions = host_zeros(t_rows, 3, dtype=torch.int32, device=device)
+        self.aux = host_zeros(c.num_slots, AUX_WIDTH, dtype=torch.int64, device=device)
+        self.release = host_zeros(c.num_slots, dtype=torch.int64, device=device)
+        if self.visual_device.type == "cpu":
+            self.embeddings = host_zeros(v_rows, hidden_size, dtype=dtype, device=device)
+            self.deepstack = host_zeros(v_rows, num_deepstack * hidden_size, dtype=dtype, device=device)
+        else:
+            self.embeddings = torch.zeros(v_rows, hidden_size, dtype=dtype, device=self.visual_device)
+            self.deepstack = torch.zeros(v_rows, num_deepstack * hidden_size, dtype=dtype, device=self.visual_device)
         self.token_pool = BlockAllocator("token blocks", c.num_token_blocks)
         self.visual_pool = BlockAllocator("visual blocks", c.num_visual_blocks)
         self.slot_pool = BlockAllocator("slots", c.num_slots)
@@ -137,11 +144,11 @@ class MultimodalDataBuffers:
         """Write one request's rows into its blocks."""
         t = self.token_rows(token_blocks, 0, fill_ids.shape[0])
         v = self.visual_rows(visual_blocks, 0, embeddings.shape[0])
-        self.fill_ids[t] = fill_ids.reshape(-1, 1).to(self.device, torch.int32)
-        self.mrope_positions[t] = mrope_positions.to(self.device, torch.int32)
-        self.embeddings[v] = embeddings.to(self.device, self.dtype)
+        self.fill_ids[t] = fill_ids.reshape(-1, 1).cpu().to(torch.int32)
+        self.mrope_positions[t] = mrope_positions.cpu().to(torch.int32)
+        self.embeddings[v.to(self.visual_device)] = embeddings.to(self.visual_device, self.dtype)
         if self.num_deepstack:
-            self.deepstack[v] = deepstack.to(self.device, self.dtype)
+            self.deepstack[v.to(self.visual_device)] = deepstack.to(self.visual_device, self.dtype)
 
     def zero_token_rows(self, token_blocks: list[int]) -> None:
         """Clear the prompt ids and positions held in these blocks (before they are reused)."""
@@ -154,6 +161,8 @@ class MultimodalDataBuffers:
         views while its blocks are consecutive (the usual case), copies otherwise."""
         t = _rows_or_slice(token_blocks, self.config.block_tokens, tokens)
         v = _rows_or_slice(visual_blocks, self.config.block_visual, visual)
+        if isinstance(v, torch.Tensor):
+            v = v.to(self.visual_device)
         return self.fill_ids[t, 0], self.mrope_positions[t], self.embeddings[v], self.deepstack[v]
 
 

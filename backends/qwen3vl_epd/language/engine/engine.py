@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from qwen3vl_epd.errors import EpdError, HandleError, UnavailableError
 from qwen3vl_epd.language.detokenizer import Detokenizer
+from qwen3vl_epd.language.engine.attention import choose_backend
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner, PreparedChunk
 from qwen3vl_epd.language.engine.scheduler import Scheduler
@@ -35,8 +36,8 @@ class Engine:
 
     def __init__(self, model: LanguageModel, puller: Puller, tokenizer, config: LanguageSettings,
                  deliver: Callable[[LanguageRequest, Piece], None] | None = None):
-        """`config`: the engine reads kv_cache_tokens, kv_block_size, max_batched_tokens, max_running
-        and max_model_len. `deliver` gets every piece (default: the request's own send)."""
+        """`config`: the engine reads kv_cache_tokens, kv_block_size, attention_backend,
+        max_batched_tokens, max_running and max_model_len. `deliver` gets every piece (default: the request's own send)."""
         tc = model.config.text_config
         self.config = config
         self.kv = PagedKVCache(tc.num_hidden_layers, blocks_for(config.kv_cache_tokens, config.kv_block_size),
@@ -44,7 +45,8 @@ class Engine:
                                prefix_caching=config.prefix_cache)
         self.model, self.puller, self.tokenizer = model, puller, tokenizer
         self.scheduler = Scheduler(self.kv, config, model.eos_ids)
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, choose_backend(config.attention_backend, model.device, model.dtype,
+                                                        config.kv_block_size, tc.head_dim))
         self.deliver = deliver or (lambda request, piece: request.send(piece))
         self._arrived = threading.Event()  # a transfer ended: wake a step that has nothing to run
         puller.on_arrival = self._arrived.set
@@ -187,9 +189,7 @@ class Engine:
         sampled, logits = self.runner.run(chunks, decodes)
         self.steps += 1
         self.mixed_steps += bool(chunks and decodes)
-        # Greedy rows in one argmax; sampled rows each with their own seeded generator.
-        greedy = logits.argmax(-1).tolist()
-        tokens = [greedy[i] if seq.params.temperature <= 0 else seq.sampler(logits[i]) for i, seq in enumerate(sampled)]
+        tokens = self.runner.sample(sampled, logits)
         pieces = self.scheduler.postprocess([c.seq for c in chunks], sampled, tokens)
         for seq in sampled:
             if len(seq.tokens) == 1:

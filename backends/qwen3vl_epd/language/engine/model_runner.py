@@ -1,4 +1,8 @@
-"""ModelRunner: one forward over a flat batch of prompt chunks and decode tokens."""
+"""ModelRunner: one forward over a flat batch of prompt chunks and decode tokens, and its sampling.
+
+Step metadata (ids, positions, visual and logits indices, KV slots) is built on the host and
+copied to the device before the forward; the step's one host synchronisation is reading the
+sampled ids (host_tokens)."""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from qwen3vl_epd.language.engine.kv_cache import DecodeBatch
+from qwen3vl_epd.devices import to_device
+from qwen3vl_epd.language.engine.attention import step_attention
 from qwen3vl_epd.language.engine.sequence import Sequence
-from qwen3vl_epd.language.model import LanguageModel, Segment
+from qwen3vl_epd.language.model import LanguageModel
+from qwen3vl_epd.language.sampling import sample_rows
 from qwen3vl_epd.prompt.encoded import EncodedPrompt
 
 
@@ -18,13 +24,19 @@ class PreparedChunk:
 
     seq: Sequence
     rows: EncodedPrompt  # the chunk's tokens, positions, visual and DeepStack rows
-    embeds: torch.Tensor
-    visual_index: torch.Tensor
+    embeds: torch.Tensor  # on the device
+    visual_index: torch.Tensor  # host: rows of the chunk that are visual tokens
+
+
+def host_tokens(tokens: torch.Tensor) -> list[int]:
+    """The step's one device→host synchronisation: the sampled ids."""
+    return tokens.tolist()
 
 
 class ModelRunner:
-    def __init__(self, model: LanguageModel):
-        self.model = model
+    def __init__(self, model: LanguageModel, attention_backend: str = "sdpa"):
+        self.model, self.attention_backend = model, attention_backend
+        self.to_host = host_tokens
 
     @torch.inference_mode()
     def prepare(self, seq: Sequence, rows: EncodedPrompt) -> PreparedChunk:
@@ -35,31 +47,39 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, prefills: list[PreparedChunk], decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """The sequences that sample this step (decodes, and prefills on their last chunk) and
-        their logits [n, vocab], row i for sequence i."""
-        m = self.model
-        embeds, positions, segments, visual, deepstack, wanted = [], [], [], [], [], []
+        their logits [n, vocab] on the device, row i for sequence i."""
+        m, dev = self.model, self.model.device
+        embeds, positions, visual, deepstack, wanted = [], [], [], [], []
         offset = 0
         for p in prefills:
             seq, rows = p.seq, p.rows
             embeds.append(p.embeds)
-            positions.append(rows.mrope_positions.T.to(torch.long))
+            positions.append(rows.mrope_positions.cpu().T.to(torch.long))
             visual.append(p.visual_index + offset)
-            deepstack.append(rows.deepstack)
-            segments.append(Segment(seq.kv, rows.length))
+            deepstack.append(to_device(rows.deepstack, dev))
             offset += rows.length
             if seq.prefilled + rows.length == seq.prompt_len:  # its last chunk: the first token
                 wanted.append((seq, offset - 1))
         if decodes:
-            ids = torch.tensor([s.tokens[-1] for s in decodes], device=m.device)
-            embeds.append(m.model.embed_tokens(ids))
+            embeds.append(m.model.embed_tokens(to_device(torch.tensor([s.tokens[-1] for s in decodes]), dev)))
             pos = torch.tensor([s.prompt_len + len(s.tokens) - 1 + s.mrope_delta for s in decodes])
             positions.append(pos.expand(3, -1))
-            segments.append(Segment(DecodeBatch([s.kv for s in decodes]), len(decodes)))
             for s in decodes:
                 wanted.append((s, offset))
                 offset += 1
         visual_index = torch.cat(visual) if visual else torch.zeros(0, dtype=torch.long)
         ds = torch.cat(deepstack) if deepstack and m.num_deepstack else None
-        logits = m.forward(torch.cat(embeds), torch.cat(positions, dim=1), segments, visual_index, ds,
-                           torch.tensor([i for _, i in wanted], dtype=torch.long))
+        # One copy for every index of the step (positions, visual rows, logits rows).
+        n_vis = visual_index.numel()
+        ints = to_device(torch.cat([torch.cat(positions, dim=1).flatten(), visual_index,
+                                    torch.tensor([i for _, i in wanted], dtype=torch.long)]), dev)
+        positions, rest = ints[: 3 * offset].view(3, offset), ints[3 * offset :]
+        attention = step_attention(self.attention_backend, decodes[0].kv.cache if decodes else prefills[0].seq.kv.cache,
+                                   [(p.seq.kv, p.rows.length) for p in prefills], [s.kv for s in decodes])
+        logits = m.forward(torch.cat(embeds), positions, attention, rest[:n_vis], ds, rest[n_vis:])
         return [seq for seq, _ in wanted], logits
+
+    @torch.inference_mode()
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
+        """Every row's next token, sampled on the device, read back in one synchronisation."""
+        return self.to_host(sample_rows(logits, [s.sampler for s in seqs]))
