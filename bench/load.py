@@ -1,7 +1,8 @@
 """Host memory while loading a checkpoint: peak RSS over the process's own baseline, for each
-half, with the weights bound for a device off the host (`meta` stands in for the GPU: what the
-host holds then is loading's cost alone) and for the CPU itself. The default checkpoint has the
-real Qwen3-VL-30B-A3B dimensions with 3 of its 48 text layers, bf16, in 4 GB shards, as the hub's
+half, with the weights bound for a device off the host and for the CPU itself. `meta` stands in
+for the GPU: every tensor's pages are read as a copy to a GPU reads them, and what the host holds
+then is loading's own cost. The default checkpoint has the real Qwen3-VL-30B-A3B dimensions with
+3 of its 48 text layers, bf16, in 4 GB shards with the experts stored transposed, as the hub's
 are (built once under checkpoints/, random weights; about 6 GB).
 
 Run: .venv/bin/python bench/load.py [--checkpoint DIR] [--root CHECKOUT]   (--root: measure
@@ -43,12 +44,57 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def reading(safe_open):
+    """safe_open whose tensors have every page read (safetensors maps them; a copy to a GPU reads them)."""
+
+    class Reading:
+        def __init__(self, *args, **kwargs):
+            self.f = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            t = self.f.get_tensor(name)
+            t.reshape(-1)[:: 4096 // t.element_size()].sum()  # one element per page
+            return t
+
+    return Reading
+
+
+def hub_layout(checkpoint: Path) -> None:
+    """Store the experts as the hub's checkpoints do ([E, H, 2I] / [E, I, H]), one shard at a time."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            state = {n: f.get_tensor(n) for n in f.keys()}
+            metadata = f.metadata()
+        for name in [n for n in state if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+            state[name] = state[name].transpose(1, 2).contiguous()
+        save_file(state, str(path) + ".tmp", metadata=metadata)
+        del state
+        Path(str(path) + ".tmp").rename(path)
+
+
 def child(half: str, checkpoint: str, device: str) -> None:
     """Load one half, print its memory figures as JSON."""
     import torch
 
     from qwen3vl_epd.checkpoint.reader import load_config  # noqa: F401  (imports done before the baseline)
 
+    if device == "meta":
+        import qwen3vl_epd.checkpoint.reader as reader
+
+        reader.safe_open = reading(reader.safe_open)
     baseline = status_kib("VmRSS")
     if half == "language":
         from qwen3vl_epd.language.model import LanguageModel
@@ -85,6 +131,7 @@ def main() -> None:
 
         print(f"building {args.checkpoint} (real 30B-A3B dimensions, 3 text layers, bf16)", flush=True)
         build_tiny(args.checkpoint, overrides=REAL_30B_A3B, max_shard_size="4GB", dtype=torch.bfloat16)
+        hub_layout(args.checkpoint)
     shard = max(p.stat().st_size for p in args.checkpoint.glob("*.safetensors"))
     print(f"checkpoint {args.checkpoint.name}: largest shard {shard / GIB:.2f} GiB; loader of {args.root}")
     print(f"{'half':<9} {'to':<5} {'weights GiB':>11} {'host peak GiB':>13} {'peak - weights':>14}")

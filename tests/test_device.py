@@ -4,10 +4,13 @@ host tensor left in a step fails here as it would on CUDA. Values on `meta` are 
 exactness is the CPU tests' job; these check where every tensor lives and when the host waits."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from qwen3vl_epd.devices import transfers_device_memory, visual_device
 from qwen3vl_epd.language import sampling
 from qwen3vl_epd.language.engine.attention import choose_backend
 from qwen3vl_epd.language.engine.engine import Engine
@@ -15,8 +18,9 @@ from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.sampling import SamplingParams
 from qwen3vl_epd.prompt.source import LocalPrompt
 from qwen3vl_epd.settings import LanguageSettings
+from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
 from support.discipline import DeviceDiscipline
-from support.prompts import ENGINE_CHUNK, Collector, prompt_inputs
+from support.prompts import ENGINE_CHUNK, ROOT, Collector, prompt_inputs
 
 pytestmark = pytest.mark.mooncake
 
@@ -137,3 +141,26 @@ def test_the_attention_backend_is_chosen_by_device():
         choose_backend("flash", cuda, torch.bfloat16, 16, 128)
     with pytest.raises(ValueError, match="attention_backend: 'xformers' is not one of auto, sdpa, flash"):
         choose_backend("xformers", cuda, torch.bfloat16, 256, 128)
+
+
+def test_the_gpu_bench_runs_in_its_smoke_mode():
+    """bench/gpu.py, ready for a lent device, runs end to end on the tiny model here: every figure
+    and its goal line, the pull over a real Mooncake engine pair included."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for line in ("batch   2: step", "prefill 64 tokens:", "vision 128x128:", "MB: ", "goal: decode_b1_roofline_fraction",
+                 "goal: decode_b2_roofline_fraction", "goal: prefill_roofline_fraction"):
+        assert line in out.stdout, (line, out.stdout)
+    assert "skipped" not in out.stdout
+
+
+def test_control_rows_stay_on_the_host_and_visual_rows_follow_mooncake():
+    """ids, positions, aux and release are read by the host: host memory always. Embeddings and
+    DeepStack go on the device only where Mooncake can move device memory (its CUDA build)."""
+    assert not transfers_device_memory()  # this machine has mooncake-transfer-engine-non-cuda
+    assert visual_device("cuda:0") == torch.device("cpu") and visual_device("cpu") == torch.device("cpu")
+    b = MultimodalDataBuffers(64, 3, torch.bfloat16, BufferConfig(num_token_blocks=4, num_visual_blocks=4, num_slots=2),
+                              device="meta")
+    assert {t.device.type for t in (b.fill_ids, b.mrope_positions, b.aux, b.release)} == {"cpu"}
+    assert {t.device.type for t in (b.embeddings, b.deepstack)} == {"meta"}

@@ -54,14 +54,11 @@ class CheckpointReader:
 
     def tensors(self, prefixes: tuple[str, ...], strip: str = "") -> Iterator[tuple[str, torch.Tensor]]:
         """(name with `strip` removed, host tensor) for each name starting with `prefixes`, one at a
-        time, one shard open at a time: host memory holds the tensor and that shard's mapped pages."""
-        by_file: dict[Path, list[str]] = {}
+        time. safetensors maps the file: opening it per tensor unmaps each tensor's pages once the
+        caller has moved it on, so loading to a device holds one tensor's pages, not a shard's."""
         for name in self.names(prefixes):
-            by_file.setdefault(self.files[name], []).append(name)
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt") as f:
-                for name in names:
-                    yield (name[len(strip):] if strip and name.startswith(strip) else name), f.get_tensor(name)
+            with safe_open(str(self.files[name]), framework="pt") as f:
+                yield (name[len(strip):] if strip and name.startswith(strip) else name), f.get_tensor(name)
 
 
 def load_module(module: torch.nn.Module, reader: CheckpointReader, prefix: str, dtype: torch.dtype,

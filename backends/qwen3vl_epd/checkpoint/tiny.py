@@ -146,32 +146,45 @@ def write_tokenizer(out: Path) -> None:
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
+def tiny_config(dense: bool = False, overrides: dict | None = None, dtype: torch.dtype = torch.float32):
+    """The tiny config (tiny_config_dict) as a transformers config, `overrides` merged as build_tiny says."""
+    from transformers import AutoConfig
+
+    values = tiny_config_dict(dense)
+    for key, value in (overrides or {}).items():
+        values[key] = {**values[key], **value} if key.endswith("_config") else value
+    values.update(dtype=str(dtype).removeprefix("torch."))
+    values["text_config"] = {**values["text_config"], "dtype": values["dtype"]}
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def write_config_files(out: Path, config) -> None:
+    """Everything of a checkpoint but its weights: config, generation config, tokenizer, image processor."""
+    from transformers import GenerationConfig
+
+    config.save_pretrained(out)
+    GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643,
+                     do_sample=False).save_pretrained(out)
+    write_tokenizer(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+
+
 def build_tiny(out_dir: str | os.PathLike, seed: int = 0, dense: bool = False, overrides: dict | None = None,
                max_shard_size: str | None = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write a deterministic tiny random-weight checkpoint (same arguments, same bytes) with
     transformers' own from_config and save_pretrained. `overrides`: config keys to change, with
     "text_config" / "vision_config" merged into their sections; `max_shard_size`: sharded; `dtype`:
     the weights' (made in it, not converted: a real-size model fits in memory once)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+    from transformers import AutoModelForImageTextToText
 
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.manual_seed(seed)
-    values = tiny_config_dict(dense)
-    for key, value in (overrides or {}).items():
-        values[key] = {**values[key], **value} if key.endswith("_config") else value
-    values.update(dtype=str(dtype).removeprefix("torch."))
-    values["text_config"] = {**values["text_config"], "dtype": values["dtype"]}
-    config = AutoConfig.for_model(values.pop("model_type"), **values)
-    model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643, do_sample=False
-    )
+    model = AutoModelForImageTextToText.from_config(tiny_config(dense, overrides, dtype), dtype=dtype).eval()
     model.save_pretrained(tmp, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    write_tokenizer(tmp)
-    (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    write_config_files(tmp, model.config)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a half-written checkpoint is never mistaken for a finished one
     return out

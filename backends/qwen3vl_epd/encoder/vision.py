@@ -24,15 +24,19 @@ def _key(p: ProcessedPrompt, n: int, i: int) -> object:
 class VisionEncoder:
     """Loads only `model.visual.*` and turns processed prompts into EncodedPrompts."""
 
-    def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 random_weights: bool = False):
+        """`random_weights`: made on the device from the config alone (bench/gpu.py's real shapes)."""
         self.config = load_config(checkpoint_dir)
         self.dtype, self.device = dtype, torch.device(device)
         vc = self.config.vision_config
         self.hidden_size = vc.out_hidden_size
         self.num_deepstack = len(vc.deepstack_visual_indexes)
-        with torch.device("meta"):
+        with torch.device("meta" if not random_weights else self.device):
             visual = architecture(self.config, checkpoint_dir).vision_model._from_config(vc, dtype=dtype)
-        self.visual = load_module(visual, CheckpointReader(checkpoint_dir), VISION_PREFIX, dtype, self.device).eval()
+        if not random_weights:
+            load_module(visual, CheckpointReader(checkpoint_dir), VISION_PREFIX, dtype, self.device)
+        self.visual = visual.eval()
         self.merge_unit = vc.spatial_merge_size**2
         self.images_encoded = 0  # images through the vision tower (cache hits and repeats are not)
 

@@ -81,7 +81,9 @@ class LanguageModel:
     """Loads only `model.language_model.*` and `lm_head.*` (dense or MoE decoder, from the config);
     forwards flat variable-length batches."""
 
-    def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 random_weights: bool = False):
+        """`random_weights`: made on the device from the config alone (bench/gpu.py's real shapes)."""
         self.config = load_config(checkpoint_dir)
         self.architecture = architecture(self.config, checkpoint_dir)
         tc = self.config.text_config
@@ -90,15 +92,18 @@ class LanguageModel:
         self.num_deepstack = len(self.config.vision_config.deepstack_visual_indexes)
         self.visual_token_ids = (self.config.image_token_id, self.config.video_token_id)
         self.eos_ids = eos_token_ids(checkpoint_dir, self.config)
-        reader = CheckpointReader(checkpoint_dir)
-        with torch.device("meta"):
+        with torch.device("meta" if not random_weights else self.device):
             text = self.architecture.text_model._from_config(tc, dtype=dtype)
             lm_head = nn.Linear(tc.hidden_size, tc.vocab_size, bias=False, dtype=dtype)
-        self.model = load_module(text, reader, TEXT_PREFIX, dtype, self.device).eval()
-        if not reader.names((LM_HEAD_PREFIX,)) and (tc.tie_word_embeddings or getattr(self.config, "tie_word_embeddings", False)):
-            lm_head.weight = self.model.embed_tokens.weight
-        else:
-            load_module(lm_head, reader, LM_HEAD_PREFIX, dtype, self.device)
+        self.model = text.eval()
+        if not random_weights:
+            reader = CheckpointReader(checkpoint_dir)
+            load_module(text, reader, TEXT_PREFIX, dtype, self.device)
+            tied = tc.tie_word_embeddings or getattr(self.config, "tie_word_embeddings", False)
+            if not reader.names((LM_HEAD_PREFIX,)) and tied:
+                lm_head.weight = self.model.embed_tokens.weight
+            else:
+                load_module(lm_head, reader, LM_HEAD_PREFIX, dtype, self.device)
         self.lm_head = lm_head.eval()
 
     def embed(self, fill_ids: torch.Tensor, visual_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
