@@ -107,8 +107,9 @@ def decode_steps(model, runner, kv, batches, context, repeats):
         for _ in range(b):
             s = kv.allocate_sequence(context + repeats + 2)
             s.length = context  # as if prefilled: the step's cost does not depend on the values
-            seqs.append(SimpleNamespace(kv=s, tokens=[1], prompt_len=context, mrope_delta=0,
-                                        sampler=Sampler(SamplingParams())))
+            params = SamplingParams()
+            seqs.append(SimpleNamespace(kv=s, tokens=[1], prompt_len=context, mrope_delta=0, params=params,
+                                        sampler=Sampler(params)))
         device = model.device
         out[b] = timed(lambda: runner.sample(*runner.run([], seqs)), device, repeats)
         for s in seqs:

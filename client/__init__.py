@@ -36,7 +36,7 @@ def data_url(image: bytes) -> str:
 def generate(url: str, prompt: str | None, images: list[bytes] = (), protocol: str = "grpc", stream: bool = False,
              model: str = "language", timeout: float = 300.0, **sampling) -> Iterator[Response]:
     """Send one request; yields responses as they arrive. `sampling`: max_tokens, temperature,
-    top_p, top_k, seed, stop, raw_prompt, ignore_eos, and `messages` (a conversation in the OpenAI
+    top_p, top_k, seed, stop, raw_prompt, ignore_eos, logprobs (Response.logprobs), and `messages` (a conversation in the OpenAI
     chat layout, list or JSON text) in place of `prompt` (None then)."""
     fields = {k: v for k, v in sampling.items() if v is not None}
     if not isinstance(fields.get("messages", ""), str):
@@ -126,7 +126,8 @@ def _http(url, model, prompt, images, stream, fields, timeout):
                 msg = json.loads(line.removeprefix("data:"))
                 if "error" in msg:
                     raise RequestError(None, msg["error"])
-                r = Response(msg["text_output"], msg["finish_reason"], msg["num_input_tokens"], msg["num_output_tokens"])
+                r = Response(msg["text_output"], msg["finish_reason"], msg["num_input_tokens"], msg["num_output_tokens"],
+                             json.loads(msg.get("token_logprobs") or "[]"))
                 yield r
                 if r.finish_reason:
                     return

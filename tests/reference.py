@@ -23,3 +23,14 @@ def reference_greedy(model, prompt, max_new_tokens: int = 32) -> list[int]:
     kw = reference_inputs(prompt)
     out = model.generate(**kw, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, kw["input_ids"].shape[1]:].tolist()
+
+
+@torch.no_grad()
+def reference_logprobs(model, prompt, tokens: list[int], image_token_id=151655) -> torch.Tensor:
+    """log-softmax of transformers' logits at each generated position, [len(tokens), vocab]: the
+    prompt and the tokens in one forward."""
+    kw = reference_inputs(prompt, image_token_id)
+    ids = torch.cat([kw["input_ids"], torch.tensor([tokens])], 1)
+    kw.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).int())
+    logits = model(**kw).logits[0, prompt.fill_ids.numel() - 1 : -1]
+    return torch.log_softmax(logits.float(), -1)

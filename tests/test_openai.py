@@ -13,7 +13,7 @@ import urllib.request
 
 import openai
 import pytest
-from reference import reference_greedy
+from reference import reference_greedy, reference_logprobs
 
 from client import data_url, generate, text_of
 from support.prompts import image_bytes
@@ -209,3 +209,56 @@ def test_conversations_through_triton_endpoints(server, expected):
         urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/models/language/generate",
                                                       data=bad), timeout=30)
     assert e.value.code == 400 and "turn 0 (user) part 0: image index 3 is out of range" in e.value.read().decode()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_logprobs_equal_transformers_log_softmax(server, sdk, processor, reference, stream):
+    """logprobs / top_logprobs through the SDK: each token's log-probability and its most likely
+    alternatives equal transformers' log-softmax within 1e-4, streamed and not."""
+    from qwen3vl_epd.prompt.messages import parse_messages
+
+    turns = CONVERSATIONS["image"]
+    c = parse_messages(json.dumps(turns))
+    prompt = processor.process(processor.apply_chat_template(c.turns), c.images, raw_prompt=True)
+    tokens = reference_greedy(reference, prompt, 6)
+    ref = reference_logprobs(reference, prompt, tokens)
+    kw = dict(model="tiny", messages=turns, max_tokens=6, logprobs=True, top_logprobs=3)
+    if stream:
+        chunks = list(sdk.chat.completions.create(stream=True, **kw))
+        content = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    else:
+        content = sdk.chat.completions.create(**kw).choices[0].logprobs.content
+    assert [e.token for e in content] == [processor.tokenizer.decode([t]) for t in tokens]
+    for e, row, t in zip(content, ref, tokens):
+        assert abs(e.logprob - row[t].item()) <= 1e-4 and e.bytes == list(e.token.encode())
+        top = row.topk(3)
+        assert [a.token for a in e.top_logprobs] == [processor.tokenizer.decode([i]) for i in top.indices.tolist()]
+        assert max(abs(a.logprob - v) for a, v in zip(e.top_logprobs, top.values.tolist())) <= 1e-4
+    plain = sdk.chat.completions.create(model="tiny", messages=turns, max_tokens=6)
+    assert plain.choices[0].logprobs is None
+    status, body = status_of(lambda: sdk.chat.completions.create(**{**kw, "top_logprobs": 21}))
+    assert status == 400 and body["param"] == "top_logprobs" and "0..20" in body["message"]
+
+
+def test_logprobs_on_the_triton_endpoints(server, processor, reference):
+    """The `logprobs` input and `token_logprobs` output on `ensemble` (gRPC stream) and `complete`
+    (HTTP infer): the same entries, equal to transformers' log-softmax."""
+    text = "Tell me about the sea."
+    prompt = processor.process(text)
+    tokens = reference_greedy(reference, prompt, 5)
+    ref = reference_logprobs(reference, prompt, tokens)
+    streamed = [e for r in generate(server.grpc_url, text, model="ensemble", stream=True, max_tokens=5, logprobs=2)
+                for e in r.logprobs]
+    assert [e["token_id"] for e in streamed] == tokens
+    for e, row, t in zip(streamed, ref, tokens):
+        assert abs(e["logprob"] - row[t].item()) <= 1e-4
+        assert [a["token_id"] for a in e["top_logprobs"]] == row.topk(2).indices.tolist()
+    infer = {"inputs": [{"name": "text_input", "shape": [1, 1], "datatype": "BYTES", "data": [text]},
+                        {"name": "max_tokens", "shape": [1, 1], "datatype": "INT32", "data": [5]},
+                        {"name": "logprobs", "shape": [1, 1], "datatype": "INT32", "data": [2]}]}
+    with urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/models/complete/infer",
+                                                       data=json.dumps(infer).encode()), timeout=60) as r:
+        outputs = {o["name"]: o["data"] for o in json.loads(r.read())["outputs"]}
+    whole = json.loads(outputs["token_logprobs"][0])
+    assert [e["token_id"] for e in whole] == tokens
+    assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(whole, streamed)) <= 1e-5

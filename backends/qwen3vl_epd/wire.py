@@ -4,14 +4,18 @@ probes and the OpenAI server all build and read requests here."""
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages")
-SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop")
-OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
+SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "logprobs")
+MAX_LOGPROBS = 20  # most likely tokens per position a request may ask for, as OpenAI allows
+# token_logprobs: JSON, per token generated since the last response {token_id, token, logprob,
+# top_logprobs: [{token_id, token, logprob}]}; [] when the request's `logprobs` input is absent.
+OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "token_logprobs")
 # A language request whose id starts with this is a liveness probe (the supervisor's): one token at
 # most, queued first, and answered by the engine's next forward (see Engine.submit).
 PROBE_ID_PREFIX = "epd-probe-"
@@ -28,7 +32,8 @@ STATUS_CODES = {"400": "INVALID_ARG", "503": "UNAVAILABLE", "499": "CANCELLED",
                 "StatusCode.CANCELLED": "CANCELLED"}
 _DTYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
            "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "raw_prompt": ("BOOL", np.bool_),
-           "ignore_eos": ("BOOL", np.bool_), "stream": ("BOOL", np.bool_)}
+           "ignore_eos": ("BOOL", np.bool_), "stream": ("BOOL", np.bool_),
+           "logprobs": ("INT32", np.int32)}
 
 
 def coded_message(message: str, code: str) -> str:
@@ -98,6 +103,7 @@ class Response:
     finish_reason: str
     num_input_tokens: int
     num_output_tokens: int
+    logprobs: list[dict] = field(default_factory=list)  # {token_id, token, logprob, top_logprobs: [...]}
 
 
 def response_of(result) -> Response:
@@ -107,4 +113,5 @@ def response_of(result) -> Response:
         finish_reason=result.as_numpy("finish_reason").reshape(-1)[0].decode(),
         num_input_tokens=int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
         num_output_tokens=int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
+        logprobs=json.loads(logprobs.reshape(-1)[0]) if (logprobs := result.as_numpy("token_logprobs")) is not None else [],
     )

@@ -40,6 +40,17 @@ class PromptInputs:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model's distribution (before temperature,
+    top-k and top-p, as OpenAI gives it) and the most likely tokens there: (id, text, logprob)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
 class Piece:
     """One streamed response: new text; the last one has finish_reason (or error)."""
 
@@ -48,6 +59,7 @@ class Piece:
     num_input_tokens: int
     num_output_tokens: int
     error: EpdError | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the tokens since the last piece
 
     @property
     def final(self) -> bool:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qwen3vl_epd.errors import InvalidInputError
+from qwen3vl_epd.wire import MAX_LOGPROBS
 
 
 @dataclass
@@ -20,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely
 
     def validate(self, max_tokens_limit: int) -> SamplingParams:
         """InvalidInputError naming the field and its limit."""
@@ -31,11 +33,13 @@ class SamplingParams:
             raise InvalidInputError(f"top_p: {self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise InvalidInputError(f"top_k: {self.top_k} must be >= 0 (0 turns it off)")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidInputError(f"logprobs: {self.logprobs} is outside 0..{MAX_LOGPROBS}")
         return self
 
 
 def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=None, temperature=None,
-                    top_p=None, top_k=None, seed=None, stop=None, ignore_eos=None) -> SamplingParams:
+                    top_p=None, top_k=None, seed=None, stop=None, ignore_eos=None, logprobs=None) -> SamplingParams:
     """Request fields (None: default) → validated SamplingParams."""
     return SamplingParams(
         max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
@@ -45,6 +49,7 @@ def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=N
         seed=None if seed is None else int(seed),
         stop=list(stop or []),
         ignore_eos=bool(ignore_eos),
+        logprobs=None if logprobs is None else int(logprobs),
     ).validate(max_tokens_limit)
 
 

@@ -9,7 +9,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from qwen3vl_epd.prompt import messages as chat
-from qwen3vl_epd.wire import CODE_PREFIX, message_code
+from qwen3vl_epd.wire import CODE_PREFIX, MAX_LOGPROBS, message_code
 
 # Triton error code (the "[CODE] " prefix of every model error) → HTTP status and OpenAI error type.
 STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "service_unavailable"),
@@ -18,7 +18,7 @@ STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "s
 ROLES = {**{role: role for role in chat.ROLES}, **chat.ROLE_ALIASES}
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos")
 # Fields we cannot honour: refused rather than silently ignored (value that means "off" passes).
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
                "n": (None, 1), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 
@@ -60,6 +60,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     remote_images: list[tuple[str, dict]] = field(default_factory=list)  # (param, the part's image_url)
+    logprobs: bool = False
 
     def messages_json(self) -> str:
         return json.dumps(self.messages)
@@ -94,8 +95,34 @@ def chat_request(body, served_model: str) -> ChatRequest:
             raise invalid(f"{name}: {value!r} is not a boolean", name)
         if name not in ("ignore_eos", "stop") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise invalid(f"{name}: {value!r} is not a number", name)
+    want_logprobs = _logprobs(body, sampling)
     options = body.get("stream_options") or {}
-    return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote)
+    return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote,
+                       want_logprobs)
+
+
+def _logprobs(body: dict, sampling: dict) -> bool:
+    """`logprobs` (bool) and `top_logprobs` (0..20, with logprobs) → the model's `logprobs` input."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise invalid(f"logprobs: {want!r} is not a boolean", "logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            raise invalid(f"top_logprobs: {top!r} is not an integer in 0..{MAX_LOGPROBS}", "top_logprobs")
+        if not want:
+            raise invalid("top_logprobs: needs logprobs set to true", "top_logprobs")
+    if want:
+        sampling["logprobs"] = top or 0
+    return bool(want)
+
+
+def logprobs_object(entries: list[dict]) -> dict:
+    """The model's `logprobs` output → OpenAI's choice.logprobs."""
+    def item(e):
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode())}
+
+    return {"content": [{**item(e), "top_logprobs": [item(t) for t in e["top_logprobs"]]} for e in entries],
+            "refusal": None}
 
 
 def _messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
@@ -128,16 +155,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               logprobs: dict | None = None) -> dict:
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                          "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
-def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = None, usage_: dict | None = None) -> dict:
+def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = None, usage_: dict | None = None,
+          logprobs: dict | None = None) -> dict:
     """One streamed chunk; delta None: the usage chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
     out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
     if usage_ is not None:
         out["usage"] = usage_

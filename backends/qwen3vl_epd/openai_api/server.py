@@ -92,7 +92,7 @@ class ChatServer:
             if not chat.stream:
                 return web.json_response(api.completion(
                     cid, self.config.served_model, first.text, first.finish_reason, first.num_input_tokens,
-                    first.num_output_tokens))
+                    first.num_output_tokens, api.logprobs_object(first.logprobs) if chat.logprobs else None))
             return await self._stream(request, chat, cid, first, outputs)
         finally:
             await outputs.aclose()
@@ -110,8 +110,9 @@ class ChatServer:
         out = first
         try:
             while True:
-                if out.text:
-                    await send(api.chunk(cid, model, {"content": out.text}))
+                if out.text or out.logprobs:
+                    logprobs = api.logprobs_object(out.logprobs) if chat.logprobs else None
+                    await send(api.chunk(cid, model, {"content": out.text}, logprobs=logprobs))
                 if out.finish_reason:
                     await send(api.chunk(cid, model, {}, out.finish_reason))
                     if chat.include_usage:

@@ -4,13 +4,14 @@ whether live requests were cancelled; both tell the service what happened to a r
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from qwen3vl_epd.language.request import LanguageRequest, Phase, Piece
+from qwen3vl_epd.language.request import LanguageRequest, Phase, Piece, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def merge_pieces(batch: list[tuple[object, Piece]]) -> list[tuple[object, Piece]
         i = last.get(id(sender))
         plain = piece.error is None and piece.finish_reason != "cancelled"
         if i is not None and plain and out[i][1].finish_reason is None and out[i][1].error is None:
-            out[i] = (sender, dataclasses.replace(piece, text=out[i][1].text + piece.text))
+            out[i] = (sender, dataclasses.replace(piece, text=out[i][1].text + piece.text,
+                                                  logprobs=out[i][1].logprobs + piece.logprobs))
         else:
             last[id(sender)] = len(out)
             out.append((sender, piece))
@@ -58,14 +60,16 @@ def accumulate(stream: bool, put: Callable[[Piece], None]) -> Callable[[Piece], 
     if stream:
         return put
     texts: list[str] = []
+    logprobs: list = []
 
     def respond(piece: Piece) -> None:
         if piece.error is not None or piece.finish_reason == "cancelled":
             put(piece)
         else:
             texts.append(piece.text)
+            logprobs.extend(piece.logprobs)
             if piece.finish_reason:
-                put(dataclasses.replace(piece, text="".join(texts)))
+                put(dataclasses.replace(piece, text="".join(texts), logprobs=logprobs))
 
     return respond
 
@@ -137,3 +141,10 @@ class CancelWatch:
                         self._live.pop(request, None)
                     if request.phase is not Phase.DONE:
                         self.cancel(request)
+
+
+def logprobs_json(logprobs: list[TokenLogprob]) -> bytes:
+    """The `token_logprobs` output: one {token_id, token, logprob, top_logprobs} per token."""
+    return json.dumps([{"token_id": t.token_id, "token": t.token, "logprob": t.logprob,
+                        "top_logprobs": [{"token_id": i, "token": s, "logprob": lp} for i, s, lp in t.top]}
+                       for t in logprobs]).encode()

@@ -14,7 +14,7 @@ from qwen3vl_epd.settings import LanguageSettings
 from qwen3vl_epd.triton_backend import adapter as ta
 from qwen3vl_epd.triton_backend import metrics as m
 from qwen3vl_epd.triton_backend.inputs import first, prompt_inputs, sampling_fields
-from qwen3vl_epd.triton_backend.outbox import CancelWatch, Outbox, Reply, accumulate
+from qwen3vl_epd.triton_backend.outbox import CancelWatch, Outbox, Reply, accumulate, logprobs_json
 from qwen3vl_epd.wire import PROBE_ID_PREFIX
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -78,7 +78,8 @@ class TritonPythonModel:
         else:
             response = self.outputs.response(
                 text_output=piece.text.encode(), finish_reason=(piece.finish_reason or "").encode(),
-                num_input_tokens=piece.num_input_tokens, num_output_tokens=piece.num_output_tokens)
+                num_input_tokens=piece.num_input_tokens, num_output_tokens=piece.num_output_tokens,
+                token_logprobs=logprobs_json(piece.logprobs))
             flags = FINAL if piece.finish_reason else 0
         try:
             sender.send(response, flags=flags)

@@ -189,8 +189,8 @@ class Engine:
         sampled, logits = self.runner.run(chunks, decodes)
         self.steps += 1
         self.mixed_steps += bool(chunks and decodes)
-        tokens = self.runner.sample(sampled, logits)
-        pieces = self.scheduler.postprocess([c.seq for c in chunks], sampled, tokens)
+        tokens, logprobs = self.runner.sample(sampled, logits)
+        pieces = self.scheduler.postprocess([c.seq for c in chunks], sampled, tokens, logprobs)
         for seq in sampled:
             if len(seq.tokens) == 1:
                 self.timings.append(("ttft", seq.first_token_at - seq.arrived))

@@ -28,9 +28,9 @@ class PreparedChunk:
     visual_index: torch.Tensor  # host: rows of the chunk that are visual tokens
 
 
-def host_tokens(tokens: torch.Tensor) -> list[int]:
-    """The step's one device→host synchronisation: the sampled ids."""
-    return tokens.tolist()
+def host_tokens(values: torch.Tensor) -> list:
+    """The step's one device→host synchronisation: the sampled ids (and their log-probabilities)."""
+    return values.tolist()
 
 
 class ModelRunner:
@@ -80,6 +80,23 @@ class ModelRunner:
         return [seq for seq, _ in wanted], logits
 
     @torch.inference_mode()
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[int]:
-        """Every row's next token, sampled on the device, read back in one synchronisation."""
-        return self.to_host(sample_rows(logits, [s.sampler for s in seqs]))
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
+        """Every row's next token, sampled on the device, and for the rows that ask, (logprob,
+        [(id, logprob)] of the most likely): read back in one synchronisation."""
+        tokens = sample_rows(logits, [s.sampler for s in seqs])
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not rows:
+            return [int(t) for t in self.to_host(tokens)], {}
+        n, k = len(seqs), max(seqs[i].params.logprobs for i in rows)
+        # Row by row with Python indices: no index tensor to copy to the device after the forward.
+        logp = torch.log_softmax(torch.stack([logits[i] for i in rows]).float(), -1)
+        chosen = logp.gather(1, torch.stack([tokens[i] for i in rows])[:, None])[:, 0]
+        top = logp.topk(k, -1)
+        host = self.to_host(torch.cat([tokens.double(), chosen.double(), top.values.flatten().double(),
+                                       top.indices.flatten().double()]))
+        values, ids = host[n + len(rows) :][: len(rows) * k], host[n + len(rows) :][len(rows) * k :]
+        out = {}
+        for j, i in enumerate(rows):
+            want = seqs[i].params.logprobs
+            out[i] = (host[n + j], [(int(ids[j * k + m]), values[j * k + m]) for m in range(want)])
+        return [int(t) for t in host[:n]], out

@@ -9,7 +9,7 @@ from collections import deque
 from qwen3vl_epd.errors import EpdError, InvalidInputError, UnavailableError
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.sequence import Sequence, Status
-from qwen3vl_epd.language.request import Piece
+from qwen3vl_epd.language.request import Piece, TokenLogprob
 from qwen3vl_epd.language.sampling import SamplingParams, finish_reason
 from qwen3vl_epd.settings import Settings
 from qwen3vl_epd.transfer.blocks import blocks_for
@@ -101,10 +101,10 @@ class Scheduler:
                     budget -= n
         return prefills, decodes
 
-    def postprocess(self, prefilled: list[Sequence], sampled: list[Sequence],
-                    tokens: list[int]) -> list[tuple[Sequence, Piece]]:
-        """After a forward: advance prompt chunks, append each sampled token, apply the finish rule;
-        the pieces to send, in order."""
+    def postprocess(self, prefilled: list[Sequence], sampled: list[Sequence], tokens: list[int],
+                    logprobs: dict[int, tuple] | None = None) -> list[tuple[Sequence, Piece]]:
+        """After a forward: advance prompt chunks, append each sampled token (and, for row i in
+        `logprobs`, its log-probabilities), apply the finish rule; the pieces to send, in order."""
         for seq in prefilled:
             seq.prefilled += seq.next_chunk_tokens()
             seq.rows = None
@@ -116,7 +116,9 @@ class Scheduler:
                 if seq.status is Status.DECODE:
                     seq.source.close()  # prompt done: the encoder may reuse its blocks now
         out = []
-        for seq, token in zip(sampled, tokens):
+        for i, (seq, token) in enumerate(zip(sampled, tokens)):
+            if logprobs and i in logprobs:
+                seq.logprobs.append(token_logprob(seq.detokenizer.tokenizer, token, *logprobs[i]))
             if not seq.tokens:
                 seq.first_token_at = time.perf_counter()
             seq.tokens.append(token)
@@ -152,3 +154,9 @@ class Scheduler:
         if error is None and reason != "cancelled":
             text += seq.detokenizer.flush()
         return seq.piece(text, reason, error)
+
+
+def token_logprob(tokenizer, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenLogprob:
+    """A sampled token's log-probabilities with the text of each token (special tokens included)."""
+    text = lambda t: tokenizer.decode([t])  # noqa: E731
+    return TokenLogprob(token, text(token), logprob, [(t, text(t), lp) for t, lp in top])

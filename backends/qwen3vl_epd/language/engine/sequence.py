@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from qwen3vl_epd.errors import EpdError
 from qwen3vl_epd.language.detokenizer import Detokenizer
 from qwen3vl_epd.language.engine.kv_cache import SequenceKV
-from qwen3vl_epd.language.request import LanguageRequest, Piece
+from qwen3vl_epd.language.request import LanguageRequest, Piece, TokenLogprob
 from qwen3vl_epd.language.sampling import Sampler, SamplingParams
 from qwen3vl_epd.prompt.encoded import EncodedPrompt
 from qwen3vl_epd.prompt.source import PromptSource
@@ -43,6 +43,7 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     rows: EncodedPrompt | None = None  # the next prompt chunk, once it has arrived
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of tokens not yet in a piece
     first_token_at: float | None = None
 
     def __post_init__(self):
@@ -70,4 +71,6 @@ class Sequence:
         return self.prefilled, self.prefilled + self.next_chunk_tokens()
 
     def piece(self, text: str, reason: str | None = None, error: EpdError | None = None) -> Piece:
-        return Piece(text, reason, self.prompt_len, len(self.tokens), error)
+        """The next piece to send; it carries the log-probabilities gathered since the last one."""
+        logprobs, self.logprobs = self.logprobs, []
+        return Piece(text, reason, self.prompt_len, len(self.tokens), error, logprobs)
