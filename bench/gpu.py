@@ -125,7 +125,7 @@ def prefill_rate(model, runner, kv, tokens: int, repeats: int) -> float:
 
     def once():
         s = kv.allocate_sequence(tokens)
-        seq = SimpleNamespace(kv=s, prefilled=0, prompt_len=tokens, tokens=[])
+        seq = SimpleNamespace(kv=s, prefilled=0, prompt_len=tokens, tokens=[], sampler=Sampler(SamplingParams()))
         runner.run([runner.prepare(seq, rows)], [])
         s.free()
 

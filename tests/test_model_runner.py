@@ -9,6 +9,7 @@ from reference import reference_logits
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner
 from qwen3vl_epd.language.model import KVCache
+from qwen3vl_epd.language.sampling import Sampler, SamplingParams
 from support.prompts import TOL, prompt_inputs
 
 pytestmark = pytest.mark.unit
@@ -20,8 +21,8 @@ def test_batched_step_logits_equal_single(processor, encoder, language, referenc
     prompts = [processor.process(*prompt_inputs(n)) for n in names]
     encoded = encoder.encode(prompts)
     kv = PagedKVCache(4, 256, 16, 2, 16, torch.float32)
-    seqs = [SimpleNamespace(kv=kv.allocate_sequence(e.length + 4), prefilled=0, tokens=[],
-                            prompt_len=e.length, mrope_delta=e.mrope_delta) for e in encoded]
+    seqs = [SimpleNamespace(kv=kv.allocate_sequence(e.length + 4), prefilled=0, tokens=[], prompt_len=e.length,
+                            mrope_delta=e.mrope_delta, sampler=Sampler(SamplingParams())) for e in encoded]
     runner = ModelRunner(language)
     sampled, prefill = runner.run([runner.prepare(s, e) for s, e in zip(seqs, encoded)], [])
     assert sampled == seqs

@@ -262,3 +262,19 @@ def test_logprobs_on_the_triton_endpoints(server, processor, reference):
     whole = json.loads(outputs["token_logprobs"][0])
     assert [e["token_id"] for e in whole] == tokens
     assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(whole, streamed)) <= 1e-5
+
+
+def test_penalties_and_logit_bias_reach_the_engine(server, sdk, processor):
+    """logit_bias (ids as strings, as the SDK sends them) and the penalties go through; a bias of
+    100 makes one token every token, and presence/frequency penalties then break the run."""
+    x = processor.tokenizer.encode(" sea")[0]
+    kw = dict(model="tiny", messages=CONVERSATIONS["text"], max_tokens=6, logprobs=True)
+    forced = sdk.chat.completions.create(logit_bias={str(x): 100}, **kw).choices[0].logprobs.content
+    assert [e.token for e in forced] == [processor.tokenizer.decode([x])] * 6
+    broken = sdk.chat.completions.create(logit_bias={str(x): 10}, presence_penalty=2, frequency_penalty=2,
+                                         **kw).choices[0].logprobs.content
+    assert [e.token for e in broken] != [processor.tokenizer.decode([x])] * 6
+    status, body = status_of(lambda: sdk.chat.completions.create(presence_penalty=2.5, **kw))
+    assert status == 400 and body["param"] == "presence_penalty" and "-2..2" in body["message"]
+    status, body = status_of(lambda: sdk.chat.completions.create(logit_bias={"x": 1}, **kw))
+    assert status == 400 and body["param"] == "logit_bias"

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages")
-SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "logprobs")
+SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "logprobs",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 MAX_LOGPROBS = 20  # most likely tokens per position a request may ask for, as OpenAI allows
 # token_logprobs: JSON, per token generated since the last response {token_id, token, logprob,
 # top_logprobs: [{token_id, token, logprob}]}; [] when the request's `logprobs` input is absent.
@@ -33,7 +34,8 @@ STATUS_CODES = {"400": "INVALID_ARG", "503": "UNAVAILABLE", "499": "CANCELLED",
 _DTYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
            "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "raw_prompt": ("BOOL", np.bool_),
            "ignore_eos": ("BOOL", np.bool_), "stream": ("BOOL", np.bool_),
-           "logprobs": ("INT32", np.int32)}
+           "logprobs": ("INT32", np.int32), "presence_penalty": ("FP32", np.float32),
+           "frequency_penalty": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32)}
 
 
 def coded_message(message: str, code: str) -> str:
@@ -79,7 +81,7 @@ def value_input(name: str, value):
 
 def request_inputs(prompt: str | None, images: list[bytes], stream: bool | None, fields: dict) -> list:
     """The tensors of one language (or encoder) request; `fields` by input name (stop: strings,
-    messages: JSON text); `stream` None leaves it out."""
+    messages and logit_bias: JSON text); `stream` None leaves it out."""
     inputs = [] if stream is None else [value_input("stream", stream)]
     if prompt is not None:
         inputs.append(bytes_input("text_input", [prompt.encode()]))
@@ -88,7 +90,7 @@ def request_inputs(prompt: str | None, images: list[bytes], stream: bool | None,
     for name, value in fields.items():
         if name == "stop":
             inputs.append(bytes_input("stop", [s.encode() for s in value]))
-        elif name == "messages":
+        elif name in ("messages", "logit_bias"):
             inputs.append(bytes_input(name, [value.encode()]))
         else:
             inputs.append(value_input(name, value))

@@ -1,12 +1,14 @@
-"""Per-request sampling: greedy by default; temperature, top-k, top-p; seeded generators."""
+"""Per-request sampling: greedy by default; temperature, top-k, top-p; seeded generators; penalties."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
 
 from qwen3vl_epd.errors import InvalidInputError
+from qwen3vl_epd.language.penalties import Penalties
 from qwen3vl_epd.wire import MAX_LOGPROBS
 
 
@@ -22,8 +24,16 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
     logprobs: int | None = None  # None: off; k: each token's log-probability and the k most likely
+    presence_penalty: float = 0.0  # OpenAI's: minus this for each token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count so far
+    repetition_penalty: float = 1.0  # transformers': tokens of the prompt or the output, /p if > 0, *p if not
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
 
-    def validate(self, max_tokens_limit: int) -> SamplingParams:
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+
+    def validate(self, max_tokens_limit: int, vocab_size: int | None = None) -> SamplingParams:
         """InvalidInputError naming the field and its limit."""
         if not 0 < self.max_tokens <= max_tokens_limit:
             raise InvalidInputError(f"max_tokens: {self.max_tokens} is outside 1..{max_tokens_limit}")
@@ -35,12 +45,24 @@ class SamplingParams:
             raise InvalidInputError(f"top_k: {self.top_k} must be >= 0 (0 turns it off)")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidInputError(f"logprobs: {self.logprobs} is outside 0..{MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidInputError(f"{name}: {getattr(self, name)} is outside -2..2")
+        if not self.repetition_penalty > 0:
+            raise InvalidInputError(f"repetition_penalty: {self.repetition_penalty} must be > 0")
+        for token, bias in self.logit_bias.items():
+            if vocab_size is not None and not 0 <= token < vocab_size:
+                raise InvalidInputError(f"logit_bias: token {token} is outside 0..{vocab_size - 1}")
+            if not -100 <= bias <= 100:
+                raise InvalidInputError(f"logit_bias: bias {bias} of token {token} is outside -100..100")
         return self
 
 
 def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=None, temperature=None,
-                    top_p=None, top_k=None, seed=None, stop=None, ignore_eos=None, logprobs=None) -> SamplingParams:
-    """Request fields (None: default) → validated SamplingParams."""
+                    top_p=None, top_k=None, seed=None, stop=None, ignore_eos=None, logprobs=None,
+                    presence_penalty=None, frequency_penalty=None, repetition_penalty=None, logit_bias=None,
+                    vocab_size: int | None = None) -> SamplingParams:
+    """Request fields (None: default; logit_bias a JSON object or a dict) → validated SamplingParams."""
     return SamplingParams(
         max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
         temperature=0.0 if temperature is None else float(temperature),
@@ -50,7 +72,22 @@ def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=N
         stop=list(stop or []),
         ignore_eos=bool(ignore_eos),
         logprobs=None if logprobs is None else int(logprobs),
-    ).validate(max_tokens_limit)
+        presence_penalty=float(presence_penalty or 0.0),
+        frequency_penalty=float(frequency_penalty or 0.0),
+        repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
+        logit_bias=_logit_bias(logit_bias),
+    ).validate(max_tokens_limit, vocab_size)
+
+
+def _logit_bias(value) -> dict[int, float]:
+    """{token id: bias} from a dict or its JSON text (OpenAI sends the ids as strings)."""
+    if value is None:
+        return {}
+    try:
+        items = (json.loads(value) if isinstance(value, str) else value).items()
+        return {int(k): float(v) for k, v in items}
+    except (ValueError, TypeError, AttributeError):
+        raise InvalidInputError("logit_bias: not an object of token id → bias") from None
 
 
 def finish_reason(params: SamplingParams, eos: bool, num_tokens: int, stop_string: bool = False) -> str | None:
@@ -79,6 +116,8 @@ class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
         self.generator: torch.Generator | None = None  # made on the first logits' device
+        self.penalties = Penalties(params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
+                                   params.logit_bias) if params.penalised else None
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Next token id from a [vocab] logits row."""
@@ -87,6 +126,8 @@ class Sampler:
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
         """Next token id from a [vocab] logits row, as a 0-dim tensor on its device (no host sync)."""
         p = self.params
+        if self.penalties is not None:
+            logits = self.penalties.apply(logits)
         if p.temperature <= 0:
             return torch.argmax(logits)
         if self.generator is None:
@@ -108,6 +149,8 @@ def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
     """Row i's next token by samplers[i], all on the logits' device: greedy rows in one argmax."""
     tokens = logits.argmax(-1)
     for i, s in enumerate(samplers):
-        if s.params.temperature > 0:
+        if s.params.temperature > 0 or s.penalties is not None:
             tokens[i] = s.sample(logits[i])
+            if s.penalties is not None:
+                s.penalties.observe(tokens[i])
     return tokens

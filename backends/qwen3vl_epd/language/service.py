@@ -54,7 +54,8 @@ class LanguageService:
 
     def sampling(self, **fields) -> SamplingParams:
         """Request fields (absent: None) → validated SamplingParams."""
-        return sampling_params(self.settings.default_max_tokens, self.settings.max_tokens_limit, **fields)
+        return sampling_params(self.settings.default_max_tokens, self.settings.max_tokens_limit, **fields,
+                               vocab_size=self.model.config.text_config.vocab_size)
 
     def release(self, handle: bytes) -> None:
         """Give the encoder its slot back without reading (the request failed before the pull);

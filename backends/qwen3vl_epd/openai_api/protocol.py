@@ -16,10 +16,10 @@ STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "s
           "CANCELLED": (499, "cancelled"), "NOT_FOUND": (404, "not_found_error"),
           "UNSUPPORTED": (400, "invalid_request_error")}
 ROLES = {**{role: role for role in chat.ROLES}, **chat.ROLE_ALIASES}
-SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos")
+SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty", "frequency_penalty",
+            "repetition_penalty")
 # Fields we cannot honour: refused rather than silently ignored (value that means "off" passes).
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
                "n": (None, 1), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 
 
@@ -42,7 +42,7 @@ class OpenAIError(Exception):
         status, kind = STATUS.get(code or "", (500, "internal_error"))
         message = CODE_PREFIX.sub("", message, count=1)
         field_ = message.split(":", 1)[0]
-        param = field_ if field_ in (*SAMPLING, "max_tokens", "stop", "messages") else None
+        param = field_ if field_ in (*SAMPLING, "max_tokens", "stop", "messages", "logit_bias") else None
         return cls(status, message, kind, param, code)
 
 
@@ -95,6 +95,11 @@ def chat_request(body, served_model: str) -> ChatRequest:
             raise invalid(f"{name}: {value!r} is not a boolean", name)
         if name not in ("ignore_eos", "stop") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise invalid(f"{name}: {value!r} is not a number", name)
+    bias = body.get("logit_bias")
+    if bias is not None:
+        if not isinstance(bias, dict):
+            raise invalid("logit_bias: an object of token id → bias", "logit_bias")
+        sampling["logit_bias"] = json.dumps(bias)
     want_logprobs = _logprobs(body, sampling)
     options = body.get("stream_options") or {}
     return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote,

@@ -79,7 +79,7 @@ class Engine:
             params.max_tokens = 1
         seq = Sequence(params, length, source.mrope_delta, self.puller.chunk_tokens,
                        Detokenizer(self.tokenizer, params.stop), source, request)
-        if self.kv.prefix_caching:
+        if self.kv.prefix_caching and params.repetition_penalty == 1.0:  # that penalty must see every prompt token
             seq.block_hashes = source.block_hashes
         self.timings.append(("prompt", seq.submitted - seq.arrived))
         with self._wake:

@@ -42,6 +42,8 @@ class ModelRunner:
     def prepare(self, seq: Sequence, rows: EncodedPrompt) -> PreparedChunk:
         """Embed one sequence's chunk; ValueError (this sequence's alone) when its rows disagree
         with its tokens."""
+        if (penalties := seq.sampler.penalties) is not None:
+            penalties.see_prompt(rows.fill_ids, self.model.config.text_config.vocab_size, self.model.device)
         return PreparedChunk(seq, rows, *self.model.embed(rows.fill_ids, rows.embeddings))
 
     @torch.inference_mode()
