@@ -108,7 +108,7 @@ def decode_steps(model, runner, kv, batches, context, repeats):
             s = kv.allocate_sequence(context + repeats + 2)
             s.length = context  # as if prefilled: the step's cost does not depend on the values
             params = SamplingParams()
-            seqs.append(SimpleNamespace(kv=s, tokens=[1], prompt_len=context, mrope_delta=0, params=params,
+            seqs.append(SimpleNamespace(kv=s, tokens=[1], prompt_len=context, mrope_delta=0, params=params, grammar=None,
                                         sampler=Sampler(params)))
         device = model.device
         out[b] = timed(lambda: runner.sample(*runner.run([], seqs)), device, repeats)
@@ -125,7 +125,8 @@ def prefill_rate(model, runner, kv, tokens: int, repeats: int) -> float:
 
     def once():
         s = kv.allocate_sequence(tokens)
-        seq = SimpleNamespace(kv=s, prefilled=0, prompt_len=tokens, tokens=[], sampler=Sampler(SamplingParams()))
+        seq = SimpleNamespace(kv=s, prefilled=0, prompt_len=tokens, tokens=[], sampler=Sampler(SamplingParams()),
+                              grammar=None)
         runner.run([runner.prepare(seq, rows)], [])
         s.free()
 

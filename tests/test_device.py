@@ -43,7 +43,10 @@ def watched_engine(model, puller, tokenizer, monkeypatch, backend=None):
 
     def watched_forward(*args, **kwargs):
         watch.in_forward, watch.forwards = True, watch.forwards + 1
-        return forward(*args, **kwargs)
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            watch.in_forward = False
 
     def to_host(tokens):
         watch.reads += 1

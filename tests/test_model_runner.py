@@ -22,7 +22,8 @@ def test_batched_step_logits_equal_single(processor, encoder, language, referenc
     encoded = encoder.encode(prompts)
     kv = PagedKVCache(4, 256, 16, 2, 16, torch.float32)
     seqs = [SimpleNamespace(kv=kv.allocate_sequence(e.length + 4), prefilled=0, tokens=[], prompt_len=e.length,
-                            mrope_delta=e.mrope_delta, sampler=Sampler(SamplingParams())) for e in encoded]
+                            mrope_delta=e.mrope_delta, sampler=Sampler(SamplingParams()), grammar=None)
+            for e in encoded]
     runner = ModelRunner(language)
     sampled, prefill = runner.run([runner.prepare(s, e) for s, e in zip(seqs, encoded)], [])
     assert sampled == seqs

@@ -10,8 +10,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Literal
 
 import openai
+import pydantic
 import pytest
 from reference import reference_greedy, reference_logprobs
 
@@ -278,3 +280,28 @@ def test_penalties_and_logit_bias_reach_the_engine(server, sdk, processor):
     assert status == 400 and body["param"] == "presence_penalty" and "-2..2" in body["message"]
     status, body = status_of(lambda: sdk.chat.completions.create(logit_bias={"x": 1}, **kw))
     assert status == 400 and body["param"] == "logit_bias"
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=6)
+    kind: Literal["cat", "dog", "dragon"]
+    age: int = pydantic.Field(ge=0, le=30)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_structured_outputs_parse_through_the_sdk(server, sdk, stream):
+    """The SDK's own parse() with a pydantic model (it sends a strict json_schema), json_object, and
+    a schema the grammar library refuses; the random tiny model never writes JSON unaided."""
+    messages = CONVERSATIONS["image"]
+    if stream:
+        with sdk.chat.completions.stream(model="tiny", messages=messages, max_tokens=80, response_format=Pet) as s:
+            final = s.get_final_completion()
+    else:
+        final = sdk.chat.completions.parse(model="tiny", messages=messages, max_tokens=80, response_format=Pet)
+    assert final.choices[0].finish_reason == "stop" and isinstance(final.choices[0].message.parsed, Pet)
+    text, reason, _ = sdk_text(sdk, stream, messages=messages, max_tokens=120,
+                               response_format={"type": "json_object"})
+    assert reason == "stop" and isinstance(json.loads(text), dict)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
+    status, body = status_of(lambda: sdk_text(sdk, stream, messages=CONVERSATIONS["text"], response_format=bad))
+    assert status == 400 and body["param"] == "response_format" and "Invalid type: nonsense" in body["message"]

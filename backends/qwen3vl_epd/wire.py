@@ -12,7 +12,7 @@ import numpy as np
 
 PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages")
 SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "logprobs",
-                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format")
 MAX_LOGPROBS = 20  # most likely tokens per position a request may ask for, as OpenAI allows
 # token_logprobs: JSON, per token generated since the last response {token_id, token, logprob,
 # top_logprobs: [{token_id, token, logprob}]}; [] when the request's `logprobs` input is absent.
@@ -81,7 +81,7 @@ def value_input(name: str, value):
 
 def request_inputs(prompt: str | None, images: list[bytes], stream: bool | None, fields: dict) -> list:
     """The tensors of one language (or encoder) request; `fields` by input name (stop: strings,
-    messages and logit_bias: JSON text); `stream` None leaves it out."""
+    messages, logit_bias and response_format: JSON text); `stream` None leaves it out."""
     inputs = [] if stream is None else [value_input("stream", stream)]
     if prompt is not None:
         inputs.append(bytes_input("text_input", [prompt.encode()]))
@@ -90,7 +90,7 @@ def request_inputs(prompt: str | None, images: list[bytes], stream: bool | None,
     for name, value in fields.items():
         if name == "stop":
             inputs.append(bytes_input("stop", [s.encode() for s in value]))
-        elif name in ("messages", "logit_bias"):
+        elif name in ("messages", "logit_bias", "response_format"):
             inputs.append(bytes_input(name, [value.encode()]))
         else:
             inputs.append(value_input(name, value))

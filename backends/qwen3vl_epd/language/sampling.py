@@ -28,6 +28,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: minus this times each token's count so far
     repetition_penalty: float = 1.0  # transformers': tokens of the prompt or the output, /p if > 0, *p if not
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
+    grammar: object = None  # a grammar.Grammar the output must follow (response_format), or None
 
     @property
     def penalised(self) -> bool:
@@ -61,8 +62,9 @@ class SamplingParams:
 def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=None, temperature=None,
                     top_p=None, top_k=None, seed=None, stop=None, ignore_eos=None, logprobs=None,
                     presence_penalty=None, frequency_penalty=None, repetition_penalty=None, logit_bias=None,
-                    vocab_size: int | None = None) -> SamplingParams:
-    """Request fields (None: default; logit_bias a JSON object or a dict) → validated SamplingParams."""
+                    response_format=None, vocab_size: int | None = None, grammars=None) -> SamplingParams:
+    """Request fields (None: default; logit_bias a JSON object or a dict) → validated SamplingParams.
+    `grammars` (grammar.Grammars) compiles response_format; without it (the encoder) it is not read."""
     return SamplingParams(
         max_tokens=default_max_tokens if max_tokens is None else int(max_tokens),
         temperature=0.0 if temperature is None else float(temperature),
@@ -76,6 +78,7 @@ def sampling_params(default_max_tokens: int, max_tokens_limit: int, max_tokens=N
         frequency_penalty=float(frequency_penalty or 0.0),
         repetition_penalty=1.0 if repetition_penalty is None else float(repetition_penalty),
         logit_bias=_logit_bias(logit_bias),
+        grammar=grammars.compile(response_format) if grammars is not None and response_format else None,
     ).validate(max_tokens_limit, vocab_size)
 
 

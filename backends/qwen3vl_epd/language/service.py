@@ -10,6 +10,7 @@ from qwen3vl_epd.checkpoint.reader import load_config
 from qwen3vl_epd.errors import EpdError, InvalidInputError, UnavailableError
 from qwen3vl_epd.language.encoder_pool import EncoderPool
 from qwen3vl_epd.language.engine.engine import Engine
+from qwen3vl_epd.language.grammar import Grammars
 from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.request import LanguageRequest, Phase, Piece, PromptInputs
 from qwen3vl_epd.language.sampling import SamplingParams, sampling_params
@@ -47,6 +48,7 @@ class LanguageService:
                              chunk_tokens=s.chunk_tokens, allowed_hosts=set(s.allowed_encoder_hosts) or None,
                              alloc_wait_s=s.alloc_wait_s, timeout_s=s.transfer_timeout_s,
                              workers=s.transfer_workers)
+        self.grammars = Grammars(self.tokenizer, self.model.config.text_config.vocab_size)
         self.engine = Engine(self.model, self.puller, self.tokenizer, s, deliver=self._deliver)
         log.info("language model ready: checkpoint %s, dtype %s, device %s, KV cache %d blocks of %d tokens, "
                  "local pools %s; settings: %s", s.checkpoint_dir, self.model.dtype, s.device, self.engine.kv.num_blocks,
@@ -55,7 +57,7 @@ class LanguageService:
     def sampling(self, **fields) -> SamplingParams:
         """Request fields (absent: None) → validated SamplingParams."""
         return sampling_params(self.settings.default_max_tokens, self.settings.max_tokens_limit, **fields,
-                               vocab_size=self.model.config.text_config.vocab_size)
+                               vocab_size=self.model.config.text_config.vocab_size, grammars=self.grammars)
 
     def release(self, handle: bytes) -> None:
         """Give the encoder its slot back without reading (the request failed before the pull);

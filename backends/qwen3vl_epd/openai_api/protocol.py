@@ -18,6 +18,7 @@ STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "s
 ROLES = {**{role: role for role in chat.ROLES}, **chat.ROLE_ALIASES}
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty", "frequency_penalty",
             "repetition_penalty")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # Fields we cannot honour: refused rather than silently ignored (value that means "off" passes).
 UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
                "n": (None, 1), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
@@ -42,7 +43,7 @@ class OpenAIError(Exception):
         status, kind = STATUS.get(code or "", (500, "internal_error"))
         message = CODE_PREFIX.sub("", message, count=1)
         field_ = message.split(":", 1)[0]
-        param = field_ if field_ in (*SAMPLING, "max_tokens", "stop", "messages", "logit_bias") else None
+        param = field_ if field_ in (*SAMPLING, "max_tokens", "stop", "messages", "logit_bias", "response_format") else None
         return cls(status, message, kind, param, code)
 
 
@@ -77,8 +78,6 @@ def chat_request(body, served_model: str) -> ChatRequest:
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in allowed:
             raise invalid(f"{name}: not supported by this server (allowed: {allowed[-1]!r})", name)
-    if body.get("response_format") not in (None, {"type": "text"}):
-        raise invalid("response_format: only {'type': 'text'} is supported", "response_format")
     messages, remote = _messages(body.get("messages"))
     sampling = {k: body[k] for k in SAMPLING if body.get(k) is not None}
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -95,6 +94,12 @@ def chat_request(body, served_model: str) -> ChatRequest:
             raise invalid(f"{name}: {value!r} is not a boolean", name)
         if name not in ("ignore_eos", "stop") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise invalid(f"{name}: {value!r} is not a number", name)
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMATS:
+            raise invalid(f"response_format: an object with type {', '.join(RESPONSE_FORMATS)}", "response_format")
+        if response_format["type"] != "text":
+            sampling["response_format"] = json.dumps(response_format)  # the language model compiles it
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):

@@ -6,13 +6,15 @@ sampled ids (host_tokens)."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from qwen3vl_epd.devices import to_device
+from qwen3vl_epd.devices import host_zeros, to_device
 from qwen3vl_epd.language.engine.attention import step_attention
 from qwen3vl_epd.language.engine.sequence import Sequence
+from qwen3vl_epd.language.grammar import apply_mask, fill_masks
 from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.sampling import sample_rows
 from qwen3vl_epd.prompt.encoded import EncodedPrompt
@@ -37,6 +39,8 @@ class ModelRunner:
     def __init__(self, model: LanguageModel, attention_backend: str = "sdpa"):
         self.model, self.attention_backend = model, attention_backend
         self.to_host = host_tokens
+        self._masks = ThreadPoolExecutor(1, thread_name_prefix="epd-grammar")  # beside the forward
+        self._pending: Future | None = None
 
     @torch.inference_mode()
     def prepare(self, seq: Sequence, rows: EncodedPrompt) -> PreparedChunk:
@@ -51,6 +55,7 @@ class ModelRunner:
         """The sequences that sample this step (decodes, and prefills on their last chunk) and
         their logits [n, vocab] on the device, row i for sequence i."""
         m, dev = self.model, self.model.device
+        self._pending = None
         embeds, positions, visual, deepstack, wanted = [], [], [], [], []
         offset = 0
         for p in prefills:
@@ -76,6 +81,11 @@ class ModelRunner:
         ints = to_device(torch.cat([torch.cat(positions, dim=1).flatten(), visual_index,
                                     torch.tensor([i for _, i in wanted], dtype=torch.long)]), dev)
         positions, rest = ints[: 3 * offset].view(3, offset), ints[3 * offset :]
+        constrained = [seq.grammar for seq, _ in wanted if seq.grammar is not None]
+        if constrained:  # computed on the host while the forward runs (llguidance releases the GIL)
+            rows = host_zeros(len(constrained), (m.config.text_config.vocab_size + 31) // 32, dtype=torch.int32,
+                              device=dev)
+            self._pending = self._masks.submit(fill_masks, constrained, rows)
         attention = step_attention(self.attention_backend, decodes[0].kv.cache if decodes else prefills[0].seq.kv.cache,
                                    [(p.seq.kv, p.rows.length) for p in prefills], [s.kv for s in decodes])
         logits = m.forward(torch.cat(embeds), positions, attention, rest[:n_vis], ds, rest[n_vis:])
@@ -85,13 +95,20 @@ class ModelRunner:
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
         """Every row's next token, sampled on the device, and for the rows that ask, (logprob,
         [(id, logprob)] of the most likely): read back in one synchronisation."""
+        if self._pending is not None:
+            masks, self._pending = to_device(self._pending.result(), logits.device), None
+            raw, logits = logits, logits.clone()
+            for j, i in enumerate(i for i, s in enumerate(seqs) if s.grammar is not None):
+                logits[i] = apply_mask(raw[i], masks[j])
+        else:
+            raw = logits
         tokens = sample_rows(logits, [s.sampler for s in seqs])
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not rows:
             return [int(t) for t in self.to_host(tokens)], {}
         n, k = len(seqs), max(seqs[i].params.logprobs for i in rows)
         # Row by row with Python indices: no index tensor to copy to the device after the forward.
-        logp = torch.log_softmax(torch.stack([logits[i] for i in rows]).float(), -1)
+        logp = torch.log_softmax(torch.stack([raw[i] for i in rows]).float(), -1)
         chosen = logp.gather(1, torch.stack([tokens[i] for i in rows])[:, None])[:, 0]
         top = logp.topk(k, -1)
         host = self.to_host(torch.cat([tokens.double(), chosen.double(), top.values.flatten().double(),

@@ -122,9 +122,13 @@ class Scheduler:
             if not seq.tokens:
                 seq.first_token_at = time.perf_counter()
             seq.tokens.append(token)
+            if seq.grammar is not None and (error := seq.grammar.accept(token)):
+                out.append((seq, self.finish(seq, None, EpdError(f"response_format: {error}"))))
+                continue
             eos = token in self.eos_ids
             text = "" if eos and not seq.params.ignore_eos else seq.detokenizer.add(token)
-            reason = finish_reason(seq.params, eos, len(seq.tokens), seq.detokenizer.stopped)
+            complete = seq.grammar is not None and seq.grammar.stopped  # nothing more is allowed
+            reason = finish_reason(seq.params, eos, len(seq.tokens), seq.detokenizer.stopped or complete)
             if reason:
                 out.append((seq, self.finish(seq, reason, text=text)))
             elif text:

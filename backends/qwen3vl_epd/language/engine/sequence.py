@@ -48,6 +48,7 @@ class Sequence:
 
     def __post_init__(self):
         self.sampler = Sampler(self.params)
+        self.grammar = self.params.grammar.matcher() if self.params.grammar is not None else None
 
     @property
     def probe(self) -> bool:
