@@ -105,14 +105,23 @@ class Matcher:
         return self.m.is_stopped()
 
 
+_executor = None
+
+
 def fill_masks(matchers: list[Matcher], out: torch.Tensor) -> torch.Tensor:
-    """Row j of `out` (host int32 [len(matchers), words]) for matchers[j]."""
-    for j, m in enumerate(matchers):
-        m.fill(out[j])
+    """Row j of `out` (contiguous host int32 [len(matchers), words]) for matchers[j], the rows in
+    parallel on llguidance's own threads."""
+    global _executor
+    if _executor is None:
+        from llguidance import LLExecutor
+
+        _executor = LLExecutor()
+    _executor.unsafe_compute_mask_ptr([(m.m, j) for j, m in enumerate(matchers)], out.data_ptr(),
+                                      out.shape[1] * out.element_size(), out.shape[0])
     return out
 
 
-def apply_mask(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """logits [vocab] with every token the bitmask [words] (on the logits' device) forbids at -inf."""
-    bits = (mask[:, None] >> torch.arange(32, dtype=torch.int32, device=mask.device)) & 1
-    return logits.masked_fill(bits.flatten()[: logits.shape[-1]] == 0, float("-inf"))
+def apply_masks(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """logits [k, vocab] with every token the bitmasks [k, words] (on the logits' device) forbid at -inf."""
+    bits = (masks[:, :, None] >> torch.arange(32, dtype=torch.int32, device=masks.device)) & 1
+    return logits.masked_fill(bits.view(masks.shape[0], -1)[:, : logits.shape[-1]] == 0, float("-inf"))

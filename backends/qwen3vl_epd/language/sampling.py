@@ -148,12 +148,14 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.generator)[0]
 
 
-def sample_rows(logits: torch.Tensor, samplers: list[Sampler]) -> torch.Tensor:
-    """Row i's next token by samplers[i], all on the logits' device: greedy rows in one argmax."""
+def sample_rows(logits: torch.Tensor, samplers: list[Sampler], masked: dict | None = None) -> torch.Tensor:
+    """Row i's next token by samplers[i], all on the logits' device: greedy rows in one argmax;
+    `masked`: row i's logits with what its grammar forbids at -inf, to sample from instead."""
     tokens = logits.argmax(-1)
+    masked = masked or {}
     for i, s in enumerate(samplers):
-        if s.params.temperature > 0 or s.penalties is not None:
-            tokens[i] = s.sample(logits[i])
+        if s.params.temperature > 0 or s.penalties is not None or i in masked:
+            tokens[i] = s.sample(masked[i] if i in masked else logits[i])
             if s.penalties is not None:
                 s.penalties.observe(tokens[i])
     return tokens

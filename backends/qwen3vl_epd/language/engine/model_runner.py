@@ -14,7 +14,7 @@ import torch
 from qwen3vl_epd.devices import host_zeros, to_device
 from qwen3vl_epd.language.engine.attention import step_attention
 from qwen3vl_epd.language.engine.sequence import Sequence
-from qwen3vl_epd.language.grammar import apply_mask, fill_masks
+from qwen3vl_epd.language.grammar import apply_masks, fill_masks
 from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.sampling import sample_rows
 from qwen3vl_epd.prompt.encoded import EncodedPrompt
@@ -95,20 +95,19 @@ class ModelRunner:
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
         """Every row's next token, sampled on the device, and for the rows that ask, (logprob,
         [(id, logprob)] of the most likely): read back in one synchronisation."""
+        masked = {}
         if self._pending is not None:
             masks, self._pending = to_device(self._pending.result(), logits.device), None
-            raw, logits = logits, logits.clone()
-            for j, i in enumerate(i for i, s in enumerate(seqs) if s.grammar is not None):
-                logits[i] = apply_mask(raw[i], masks[j])
-        else:
-            raw = logits
-        tokens = sample_rows(logits, [s.sampler for s in seqs])
+            constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+            rows = apply_masks(torch.stack([logits[i] for i in constrained]), masks)
+            masked = {i: rows[j] for j, i in enumerate(constrained)}
+        tokens = sample_rows(logits, [s.sampler for s in seqs], masked)
         rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         if not rows:
             return [int(t) for t in self.to_host(tokens)], {}
         n, k = len(seqs), max(seqs[i].params.logprobs for i in rows)
         # Row by row with Python indices: no index tensor to copy to the device after the forward.
-        logp = torch.log_softmax(torch.stack([raw[i] for i in rows]).float(), -1)
+        logp = torch.log_softmax(torch.stack([logits[i] for i in rows]).float(), -1)
         chosen = logp.gather(1, torch.stack([tokens[i] for i in rows])[:, None])[:, 0]
         top = logp.topk(k, -1)
         host = self.to_host(torch.cat([tokens.double(), chosen.double(), top.values.flatten().double(),
