@@ -49,7 +49,7 @@ BAD = [
     ("[{", "messages: not valid JSON"),
     ("{}", "messages: must be a non-empty JSON array of turns"),
     ("[]", "messages: must be a non-empty JSON array of turns"),
-    (conversation({"role": "tool", "content": "x"}), "messages: turn 0: unknown role 'tool'"),
+    (conversation({"role": "robot", "content": "x"}), "messages: turn 0: unknown role 'robot'"),
     (conversation("hi"), "messages: turn 0: must be an object with role and content"),
     (conversation({"role": "user", "content": 3}), "turn 0 (user): content must be a string or a list of parts"),
     (conversation({"role": "user", "content": "a"}, {"role": "user", "content": [{"type": "audio"}]}),

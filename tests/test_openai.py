@@ -126,7 +126,7 @@ def test_errors_are_openai_error_objects(server, sdk, stream):
     remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}]
     status, body = status_of(lambda: create(messages=remote))
     assert status == 400 and "messages[0].content[0].image_url: remote image URLs are not fetched" in body["message"]
-    status, body = status_of(lambda: create(messages=[{"role": "tool", "content": "x"}]))
+    status, body = status_of(lambda: create(messages=[{"role": "robot", "content": "x"}]))
     assert status == 400 and body["param"] == "messages[0]"
     status, body = status_of(lambda: create(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]}]))
@@ -305,3 +305,68 @@ def test_structured_outputs_parse_through_the_sdk(server, sdk, stream):
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}
     status, body = status_of(lambda: sdk_text(sdk, stream, messages=CONVERSATIONS["text"], response_format=bad))
     assert status == 400 and body["param"] == "response_format" and "Invalid type: nonsense" in body["message"]
+
+
+class Weather(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    city: str = pydantic.Field(max_length=8)
+    unit: Literal["celsius", "fahrenheit"]
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                                 "parameters": Weather.model_json_schema()}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def sdk_calls(sdk, stream: bool, **kw):
+    """(content, tool_calls as (name, arguments), finish_reason) through the SDK, streamed and assembled or not."""
+    if not stream:
+        choice = sdk.chat.completions.create(model="tiny", **kw).choices[0]
+        calls = choice.message.tool_calls or []
+        return choice.message.content, [(c.function.name, c.function.arguments) for c in calls], choice.finish_reason
+    with sdk.chat.completions.stream(model="tiny", **kw) as s:
+        final = s.get_final_completion()
+    choice = final.choices[0]
+    calls = choice.message.tool_calls or []
+    return choice.message.content, [(c.function.name, c.function.arguments) for c in calls], choice.finish_reason
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_tool_calls_forced_by_tool_choice(server, sdk, stream):
+    """required and a named function are enforced by the structured-output grammar: the random
+    tiny model calls a tool, its arguments valid for the tool's parameters; finish_reason tool_calls."""
+    messages = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    _, calls, reason = sdk_calls(sdk, stream, messages=messages, tools=[WEATHER_TOOL], tool_choice="required",
+                                 max_tokens=80)
+    assert reason == "tool_calls" and len(calls) == 1 and calls[0][0] == "get_weather"
+    Weather.model_validate_json(calls[0][1])
+    named = {"type": "function", "function": {"name": "get_time"}}
+    _, calls, reason = sdk_calls(sdk, stream, messages=messages, tools=[WEATHER_TOOL, TIME_TOOL], tool_choice=named,
+                                 max_tokens=80)
+    assert reason == "tool_calls" and calls[0][0] == "get_time" and json.loads(calls[0][1])["zone"] in ("UTC", "CET")
+
+
+def test_tools_are_rendered_by_the_template_and_tool_turns_go_back(server, sdk, processor, reference):
+    """auto: the prompt carries the tools as the chat template renders them (the answer equals
+    transformers' greedy over that prompt); a tool round trip (assistant tool_calls, tool turn) too."""
+    from qwen3vl_epd.prompt.messages import parse_messages
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Oslo", "unit": "celsius"}'}}
+    conversations = [[{"role": "user", "content": "What is the weather in Oslo?"}],
+                     [{"role": "user", "content": "What is the weather in Oslo?"},
+                      {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "call_1", "content": "12 degrees, rain"}]]
+    for turns in conversations:
+        c = parse_messages(json.dumps(turns))
+        prompt = processor.process(processor.apply_chat_template(c.turns, [WEATHER_TOOL]), raw_prompt=True)
+        want = processor.tokenizer.decode(reference_greedy(reference, prompt, MAX_TOKENS), skip_special_tokens=True)
+        r = sdk.chat.completions.create(model="tiny", messages=turns, tools=[WEATHER_TOOL], max_tokens=MAX_TOKENS)
+        assert r.choices[0].message.content == want and r.usage.prompt_tokens == prompt.fill_ids.numel()
+    status, body = status_of(lambda: sdk.chat.completions.create(
+        model="tiny", messages=conversations[0], tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "nope"}}))
+    assert status == 400 and body["param"] == "tool_choice"

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages")
+PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages", "tools")
 SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "logprobs",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format")
 MAX_LOGPROBS = 20  # most likely tokens per position a request may ask for, as OpenAI allows
@@ -90,7 +90,7 @@ def request_inputs(prompt: str | None, images: list[bytes], stream: bool | None,
     for name, value in fields.items():
         if name == "stop":
             inputs.append(bytes_input("stop", [s.encode() for s in value]))
-        elif name in ("messages", "logit_bias", "response_format"):
+        elif name in ("messages", "tools", "logit_bias", "response_format"):
             inputs.append(bytes_input(name, [value.encode()]))
         else:
             inputs.append(value_input(name, value))

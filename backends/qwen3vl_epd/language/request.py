@@ -37,6 +37,7 @@ class PromptInputs:
     images: list[bytes] = field(default_factory=list)
     raw_prompt: bool = False
     messages: str | None = None  # a conversation (JSON, OpenAI chat layout) instead of text_input
+    tools: str | None = None  # OpenAI function tools (JSON) the chat template renders with messages
 
 
 @dataclass

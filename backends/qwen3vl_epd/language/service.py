@@ -15,7 +15,7 @@ from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.request import LanguageRequest, Phase, Piece, PromptInputs
 from qwen3vl_epd.language.sampling import SamplingParams, sampling_params
 from qwen3vl_epd.prompt.images import Limits
-from qwen3vl_epd.prompt.messages import parse_messages
+from qwen3vl_epd.prompt.messages import parse_messages, parse_tools
 from qwen3vl_epd.prompt.processor import Processor
 from qwen3vl_epd.prompt.source import LocalPrompt
 from qwen3vl_epd.settings import LanguageSettings
@@ -94,11 +94,13 @@ class LanguageService:
     def templated(self, inputs: PromptInputs) -> PromptInputs:
         """A conversation rendered by the chat template into a raw prompt (encoders see only that)."""
         if inputs.messages is None:
+            if inputs.tools is not None:
+                raise InvalidInputError("tools: needs messages (the chat template renders them)")
             return inputs
         if inputs.text is not None or inputs.raw_prompt:
             raise InvalidInputError("messages: send either messages or text_input (with raw_prompt), not both")
         conversation = parse_messages(inputs.messages, inputs.images)
-        prompt = self.processor.apply_chat_template(conversation.turns)
+        prompt = self.processor.apply_chat_template(conversation.turns, parse_tools(inputs.tools))
         return PromptInputs(prompt, conversation.images, raw_prompt=True)
 
     def _encode_later(self, request: LanguageRequest) -> None:

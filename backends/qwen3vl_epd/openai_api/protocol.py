@@ -8,6 +8,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from qwen3vl_epd.openai_api.tools import ToolError, Tools, tools_of
 from qwen3vl_epd.prompt import messages as chat
 from qwen3vl_epd.wire import CODE_PREFIX, MAX_LOGPROBS, message_code
 
@@ -20,7 +21,7 @@ SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_pen
             "repetition_penalty")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # Fields we cannot honour: refused rather than silently ignored (value that means "off" passes).
-UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"),
+UNSUPPORTED = {
                "n": (None, 1), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 
 
@@ -62,6 +63,12 @@ class ChatRequest:
     include_usage: bool
     remote_images: list[tuple[str, dict]] = field(default_factory=list)  # (param, the part's image_url)
     logprobs: bool = False
+    tools: Tools | None = None  # rendered by the chat template; the answer is parsed for calls
+
+    def fields(self) -> dict:
+        """The language model's inputs besides the stream flag."""
+        extra = {"tools": json.dumps(self.tools.tools)} if self.tools else {}
+        return {**self.sampling, "messages": self.messages_json(), **extra}
 
     def messages_json(self) -> str:
         return json.dumps(self.messages)
@@ -105,10 +112,19 @@ def chat_request(body, served_model: str) -> ChatRequest:
         if not isinstance(bias, dict):
             raise invalid("logit_bias: an object of token id → bias", "logit_bias")
         sampling["logit_bias"] = json.dumps(bias)
+    try:
+        tools = tools_of(body)
+    except ToolError as e:
+        raise invalid(*e.args) from None
+    if tools is not None and (forced := tools.grammar()) is not None:
+        if "response_format" in sampling:
+            raise invalid("response_format: cannot be combined with tool_choice required or a named function",
+                          "response_format")
+        sampling["response_format"] = json.dumps(forced)  # the call is enforced by its grammar
     want_logprobs = _logprobs(body, sampling)
     options = body.get("stream_options") or {}
     return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote,
-                       want_logprobs)
+                       want_logprobs, tools)
 
 
 def _logprobs(body: dict, sampling: dict) -> bool:
@@ -152,7 +168,8 @@ def _messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
                 link = url.get("url") if isinstance(url, dict) else url
                 if chat.is_remote_url(link):
                     remote.append((f"{param}.content[{p}].image_url", url))
-        out.append({"role": ROLES[role], "content": content})
+        passed = {k: turn[k] for k in ("tool_calls", "tool_call_id") if turn.get(k) is not None}
+        out.append({"role": ROLES[role], "content": content, **passed})
     return out, remote
 
 
@@ -165,10 +182,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               logprobs: dict | None = None) -> dict:
+def completion(cid: str, model: str, text: str | None, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+               logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
+    message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
     return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
                          "finish_reason": finish_reason}],
             "usage": usage(prompt_tokens, completion_tokens)}
 

@@ -15,6 +15,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
 from qwen3vl_epd.openai_api import protocol as api
 from qwen3vl_epd.openai_api.protocol import OpenAIError
+from qwen3vl_epd.openai_api.tools import CallStream, parse_calls
 from qwen3vl_epd.wire import Response, request_inputs, response_of
 
 RETRY_AFTER_S = 1
@@ -90,9 +91,11 @@ class ChatServer:
         try:
             first = await anext(outputs)  # errors of the request itself still get their HTTP status
             if not chat.stream:
+                text, calls = parse_calls(first.text) if chat.tools else (first.text, [])
                 return web.json_response(api.completion(
-                    cid, self.config.served_model, first.text, first.finish_reason, first.num_input_tokens,
-                    first.num_output_tokens, api.logprobs_object(first.logprobs) if chat.logprobs else None))
+                    cid, self.config.served_model, text, "tool_calls" if calls else first.finish_reason,
+                    first.num_input_tokens, first.num_output_tokens,
+                    api.logprobs_object(first.logprobs) if chat.logprobs else None, calls))
             return await self._stream(request, chat, cid, first, outputs)
         finally:
             await outputs.aclose()
@@ -107,14 +110,23 @@ class ChatServer:
             await response.write(f"data: {json.dumps(obj)}\n\n".encode())
 
         await send(api.chunk(cid, model, {"role": "assistant", "content": ""}))
-        out = first
+        out, calls = first, CallStream() if chat.tools else None
         try:
             while True:
-                if out.text or out.logprobs:
+                text = calls.feed(out.text) if calls else out.text
+                if text or out.logprobs:
                     logprobs = api.logprobs_object(out.logprobs) if chat.logprobs else None
-                    await send(api.chunk(cid, model, {"content": out.text}, logprobs=logprobs))
+                    await send(api.chunk(cid, model, {"content": text}, logprobs=logprobs))
                 if out.finish_reason:
-                    await send(api.chunk(cid, model, {}, out.finish_reason))
+                    reason = out.finish_reason
+                    if calls:
+                        rest, parsed = calls.finish()
+                        if rest:
+                            await send(api.chunk(cid, model, {"content": rest}))
+                        for i, call in enumerate(parsed):  # one delta per call, as the SDK assembles them
+                            await send(api.chunk(cid, model, {"tool_calls": [{"index": i, **call}]}))
+                        reason = "tool_calls" if parsed else reason
+                    await send(api.chunk(cid, model, {}, reason))
                     if chat.include_usage:
                         await send(api.chunk(cid, model, None, usage_=api.usage(out.num_input_tokens,
                                                                                 out.num_output_tokens)))
@@ -132,7 +144,7 @@ class ChatServer:
         finished = asyncio.Event()
 
         async def requests():
-            inputs = request_inputs(None, [], chat.stream, {**chat.sampling, "messages": chat.messages_json()})
+            inputs = request_inputs(None, [], chat.stream, chat.fields())
             yield {"model_name": self.config.model, "inputs": inputs, "request_id": uuid.uuid4().hex}
             await finished.wait()  # the stream stays open until the last response
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from qwen3vl_epd.errors import InvalidInputError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system turn
 
 
@@ -51,8 +51,9 @@ def parse_messages(text: str, images: Sequence[bytes] = ()) -> Conversation:
         content = turn.get("content")
         if content is None and role == "assistant":
             content = ""
+        extra = {"tool_calls": _tool_calls(turn["tool_calls"], where)} if role == "assistant" and turn.get("tool_calls") else {}
         if isinstance(content, str):
-            turns.append({"role": role, "content": content})
+            turns.append({"role": role, "content": content, **extra})
             continue
         if not isinstance(content, list):
             raise InvalidInputError(f"{where} ({role}): content must be a string or a list of parts")
@@ -78,11 +79,41 @@ def parse_messages(text: str, images: Sequence[bytes] = ()) -> Conversation:
             else:
                 picked.append(ref)
             parts.append({"type": "image"})
-        turns.append({"role": role, "content": parts})
+        if role == "tool" and any(part["type"] != "text" for part in parts):
+            raise InvalidInputError(f"{where} (tool): a tool result is text")
+        turns.append({"role": role, "content": parts, **extra})
     if len(used) != len(images):
         unused = sorted(set(range(len(images))) - used)
         raise InvalidInputError(f"image: elements {unused} of {len(images)} are not used by any messages part")
     return Conversation(turns, picked)
+
+
+def _tool_calls(calls, where: str) -> list[dict]:
+    """An assistant turn's tool_calls (OpenAI's layout), for the chat template to render."""
+    if not isinstance(calls, list):
+        raise InvalidInputError(f"{where} (assistant): tool_calls must be a list")
+    out = []
+    for c, call in enumerate(calls):
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), (str, dict)):
+            raise InvalidInputError(f"{where} (assistant) tool call {c}: needs function.name and function.arguments")
+        out.append({"id": call.get("id", ""), "type": "function", "function": {"name": f["name"], "arguments": f["arguments"]}})
+    return out
+
+
+def parse_tools(text: str | None) -> list[dict] | None:
+    """The `tools` input (OpenAI's function tools, JSON) for the chat template; InvalidInputError naming it."""
+    if text is None:
+        return None
+    try:
+        tools = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"tools: not valid JSON: {e}") from None
+    if not isinstance(tools, list) or not all(
+            isinstance(t, dict) and t.get("type") == "function" and isinstance((t.get("function") or {}).get("name"), str)
+            for t in tools):
+        raise InvalidInputError('tools: a list of {"type": "function", "function": {"name": ..., "parameters": ...}}')
+    return tools
 
 
 def _image_ref(part: dict, at: str) -> int | bytes | None:

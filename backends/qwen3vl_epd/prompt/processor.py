@@ -98,9 +98,9 @@ class Processor:
             content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
         return self.apply_chat_template([{"role": "user", "content": content}])
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
-        """The checkpoint's chat template with the generation prompt, untokenized."""
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        """The checkpoint's chat template with the generation prompt (and `tools`), untokenized."""
+        return self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
 
     def image_key(self, data: bytes) -> bytes:
         """Full SHA-256 of an image's raw bytes and the processor settings: its encoder cache key."""

@@ -45,4 +45,4 @@ def text_field(get, name: str) -> str | None:
 def prompt_inputs(get) -> PromptInputs:
     """The prompt fields of a request; InvalidInputError for text that is not UTF-8."""
     return PromptInputs(text_field(get, "text_input"), byte_items(get("image")), bool(first(get("raw_prompt")) or False),
-                        text_field(get, "messages"))
+                        text_field(get, "messages"), text_field(get, "tools"))
