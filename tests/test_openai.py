@@ -5,6 +5,7 @@ import base64
 import http.client
 import http.server
 import json
+import re
 import socket
 import threading
 import time
@@ -131,7 +132,7 @@ def test_errors_are_openai_error_objects(server, sdk, stream):
     status, body = status_of(lambda: create(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"junk").decode()}}]}]))
     assert status == 400 and "image 0: cannot decode image" in body["message"]
-    status, body = status_of(lambda: create(n=2))
+    status, body = status_of(lambda: create(n=17))
     assert status == 400 and body["param"] == "n"
     assert sdk_text(sdk, stream, messages=CONVERSATIONS["text"], max_tokens=2)[2].completion_tokens == 2
 
@@ -370,3 +371,54 @@ def test_tools_are_rendered_by_the_template_and_tool_turns_go_back(server, sdk, 
         model="tiny", messages=conversations[0], tools=[WEATHER_TOOL],
         tool_choice={"type": "function", "function": {"name": "nope"}}))
     assert status == 400 and body["param"] == "tool_choice"
+
+
+def hits(server) -> float:
+    return sum(server.metric_values("epd_prefix_cache_hit_tokens_total").values())
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_n_choices_share_the_prompt_kv(server, sdk, stream):
+    """n = 3: choice i is what one request with seed + i gives; choices 1 and 2 start after choice 0
+    has answered and reuse its prompt's KV blocks from the prefix cache."""
+    messages = [{"role": "user", "content": "Write a long story about a dragon who paints. " * 4}]
+    kw = dict(model="tiny", messages=messages, max_tokens=6, temperature=0.9, seed=11)
+    before = hits(server)
+    if stream:
+        texts = ["", "", ""]
+        for c in sdk.chat.completions.create(n=3, stream=True, **kw):
+            for choice in c.choices:
+                texts[choice.index] += choice.delta.content or ""
+    else:
+        r = sdk.chat.completions.create(n=3, **kw)
+        texts = [c.message.content for c in sorted(r.choices, key=lambda c: c.index)]
+        assert r.usage.completion_tokens == 18
+    assert hits(server) - before >= 2 * 32  # two choices' prompt blocks (all full ones but the last) from the cache
+    alone = [sdk.chat.completions.create(**{**kw, "seed": 11 + i}).choices[0].message.content for i in range(3)]
+    assert texts == alone and len(set(texts)) > 1
+
+
+def test_text_completions_models_and_door_metrics(server, sdk, processor, reference):
+    """/v1/completions takes the prompt as it is (no chat template), streamed or not, with logprobs;
+    /v1/models/{id}; the door's own counters on its /metrics."""
+    prompt = "The sea is"
+    tokens = reference_greedy(reference, processor.process(prompt, raw_prompt=True), 8)
+    want = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    r = sdk.completions.create(model="tiny", prompt=prompt, max_tokens=8, logprobs=2)
+    assert r.choices[0].text == want and r.usage.completion_tokens == len(tokens)
+    assert len(r.choices[0].logprobs.tokens) == len(tokens) and len(r.choices[0].logprobs.top_logprobs[0]) == 2
+    streamed = "".join(c.choices[0].text for c in sdk.completions.create(model="tiny", prompt=prompt, max_tokens=8,
+                                                                           stream=True) if c.choices)
+    assert streamed == want
+    status, body = status_of(lambda: sdk.completions.create(model="tiny", prompt=prompt, echo=True))
+    assert status == 400 and body["param"] == "echo"
+    assert sdk.models.retrieve("tiny").id == "tiny"
+    status, body = status_of(lambda: sdk.models.retrieve("other"))
+    assert status == 404 and body["code"] == "model_not_found"
+    base = server.openai_url.removesuffix("/v1")
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as m:
+        text = m.read().decode()
+    assert 'epd_openai_requests_total{endpoint="/v1/completions",status="200"} 2' in text
+    assert 'epd_openai_requests_total{endpoint="/v1/completions",status="400"} 1' in text
+    tokens_out = float(re.search(r"^epd_openai_completion_tokens_total (\S+)$", text, re.M).group(1))
+    assert tokens_out >= 2 * len(tokens)

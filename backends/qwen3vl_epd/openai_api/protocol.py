@@ -4,8 +4,6 @@ chunk objects, error objects. Plain dicts, no I/O."""
 from __future__ import annotations
 
 import json
-import time
-import uuid
 from dataclasses import dataclass, field
 
 from qwen3vl_epd.openai_api.tools import ToolError, Tools, tools_of
@@ -20,9 +18,11 @@ ROLES = {**{role: role for role in chat.ROLES}, **chat.ROLE_ALIASES}
 SAMPLING = ("temperature", "top_p", "top_k", "seed", "ignore_eos", "presence_penalty", "frequency_penalty",
             "repetition_penalty")
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+MAX_CHOICES = 16  # n at most
+PARAMS = (*SAMPLING, "max_tokens", "stop", "messages", "logit_bias", "response_format", "tools", "logprobs")
 # Fields we cannot honour: refused rather than silently ignored (value that means "off" passes).
-UNSUPPORTED = {
-               "n": (None, 1), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
+UNSUPPORTED = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+               "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,)}
 
 
 class OpenAIError(Exception):
@@ -44,7 +44,7 @@ class OpenAIError(Exception):
         status, kind = STATUS.get(code or "", (500, "internal_error"))
         message = CODE_PREFIX.sub("", message, count=1)
         field_ = message.split(":", 1)[0]
-        param = field_ if field_ in (*SAMPLING, "max_tokens", "stop", "messages", "logit_bias", "response_format") else None
+        param = field_ if field_ in PARAMS else None
         return cls(status, message, kind, param, code)
 
 
@@ -64,18 +64,80 @@ class ChatRequest:
     remote_images: list[tuple[str, dict]] = field(default_factory=list)  # (param, the part's image_url)
     logprobs: bool = False
     tools: Tools | None = None  # rendered by the chat template; the answer is parsed for calls
+    n: int = 1
 
-    def fields(self) -> dict:
-        """The language model's inputs besides the stream flag."""
+    def inputs(self, choice: int) -> tuple[str | None, dict]:
+        """(text_input, the language model's other inputs) of one choice; a seed moves on per choice."""
         extra = {"tools": json.dumps(self.tools.tools)} if self.tools else {}
-        return {**self.sampling, "messages": self.messages_json(), **extra}
+        return None, {**with_seed(self.sampling, choice), "messages": self.messages_json(), **extra}
 
     def messages_json(self) -> str:
         return json.dumps(self.messages)
 
 
 def chat_request(body, served_model: str) -> ChatRequest:
-    """Check a request body; OpenAIError naming the parameter when something is wrong."""
+    """Check a /v1/chat/completions body; OpenAIError naming the parameter when something is wrong."""
+    check_common(body, served_model)
+    messages, remote = _messages(body.get("messages"))
+    sampling = sampling_of(body)
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMATS:
+            raise invalid(f"response_format: an object with type {', '.join(RESPONSE_FORMATS)}", "response_format")
+        if response_format["type"] != "text":
+            sampling["response_format"] = json.dumps(response_format)  # the language model compiles it
+    try:
+        tools = tools_of(body)
+    except ToolError as e:
+        raise invalid(*e.args) from None
+    if tools is not None and (forced := tools.grammar()) is not None:
+        if "response_format" in sampling:
+            raise invalid("response_format: cannot be combined with tool_choice required or a named function",
+                          "response_format")
+        sampling["response_format"] = json.dumps(forced)  # the call is enforced by its grammar
+    want_logprobs = _logprobs(body, sampling)
+    options = body.get("stream_options") or {}
+    return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote,
+                       want_logprobs, tools, choices_of(body))
+
+
+@dataclass
+class TextRequest:
+    """A checked /v1/completions body: one prompt, sent as it is (no chat template)."""
+
+    prompt: str
+    sampling: dict
+    stream: bool
+    include_usage: bool
+    logprobs: bool = False
+    tools = None
+    n: int = 1
+
+    def inputs(self, choice: int) -> tuple[str | None, dict]:
+        return self.prompt, {**with_seed(self.sampling, choice), "raw_prompt": True}
+
+
+def text_request(body, served_model: str) -> TextRequest:
+    """Check a /v1/completions body (one prompt; `logprobs` the number of alternatives, 0..20)."""
+    check_common(body, served_model)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise invalid("prompt: one non-empty string per request", "prompt")
+    sampling = sampling_of(body)
+    top = body.get("logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            raise invalid(f"logprobs: {top!r} is not an integer in 0..{MAX_LOGPROBS}", "logprobs")
+        sampling["logprobs"] = top
+    options = body.get("stream_options") or {}
+    return TextRequest(prompt, sampling, bool(body.get("stream")), bool(options.get("include_usage")), top is not None,
+                       choices_of(body))
+
+
+def check_common(body, served_model: str) -> None:
+    """The body is an object for the served model and asks nothing we cannot honour."""
     if not isinstance(body, dict):
         raise invalid("the request body must be a JSON object")
     model = body.get("model")
@@ -85,7 +147,19 @@ def chat_request(body, served_model: str) -> ChatRequest:
     for name, allowed in UNSUPPORTED.items():
         if body.get(name) not in allowed:
             raise invalid(f"{name}: not supported by this server (allowed: {allowed[-1]!r})", name)
-    messages, remote = _messages(body.get("messages"))
+
+
+def choices_of(body: dict) -> int:
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise invalid(f"n: {n!r} is not an integer in 1..{MAX_CHOICES}", "n")
+    return n
+
+
+def sampling_of(body: dict) -> dict:
+    """The sampling fields both endpoints take, checked, as the language model's inputs."""
     sampling = {k: body[k] for k in SAMPLING if body.get(k) is not None}
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None:
@@ -101,30 +175,12 @@ def chat_request(body, served_model: str) -> ChatRequest:
             raise invalid(f"{name}: {value!r} is not a boolean", name)
         if name not in ("ignore_eos", "stop") and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise invalid(f"{name}: {value!r} is not a number", name)
-    response_format = body.get("response_format")
-    if response_format is not None:
-        if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMATS:
-            raise invalid(f"response_format: an object with type {', '.join(RESPONSE_FORMATS)}", "response_format")
-        if response_format["type"] != "text":
-            sampling["response_format"] = json.dumps(response_format)  # the language model compiles it
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):
             raise invalid("logit_bias: an object of token id → bias", "logit_bias")
         sampling["logit_bias"] = json.dumps(bias)
-    try:
-        tools = tools_of(body)
-    except ToolError as e:
-        raise invalid(*e.args) from None
-    if tools is not None and (forced := tools.grammar()) is not None:
-        if "response_format" in sampling:
-            raise invalid("response_format: cannot be combined with tool_choice required or a named function",
-                          "response_format")
-        sampling["response_format"] = json.dumps(forced)  # the call is enforced by its grammar
-    want_logprobs = _logprobs(body, sampling)
-    options = body.get("stream_options") or {}
-    return ChatRequest(messages, sampling, bool(body.get("stream")), bool(options.get("include_usage")), remote,
-                       want_logprobs, tools)
+    return sampling
 
 
 def _logprobs(body: dict, sampling: dict) -> bool:
@@ -140,15 +196,6 @@ def _logprobs(body: dict, sampling: dict) -> bool:
     if want:
         sampling["logprobs"] = top or 0
     return bool(want)
-
-
-def logprobs_object(entries: list[dict]) -> dict:
-    """The model's `logprobs` output → OpenAI's choice.logprobs."""
-    def item(e):
-        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode())}
-
-    return {"content": [{**item(e), "top_logprobs": [item(t) for t in e["top_logprobs"]]} for e in entries],
-            "refusal": None}
 
 
 def _messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
@@ -173,34 +220,6 @@ def _messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
     return out, remote
 
 
-def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion(cid: str, model: str, text: str | None, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-               logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
-    message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
-    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
-                         "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def chunk(cid: str, model: str, delta: dict | None, finish_reason: str | None = None, usage_: dict | None = None,
-          logprobs: dict | None = None) -> dict:
-    """One streamed chunk; delta None: the usage chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]
-    out = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": choices}
-    if usage_ is not None:
-        out["usage"] = usage_
-    return out
-
-
-def models(served_model: str, created: int) -> dict:
-    return {"object": "list", "data": [{"id": served_model, "object": "model", "created": created,
-                                        "owned_by": "qwen3vl-epd"}]}
+def with_seed(sampling: dict, choice: int) -> dict:
+    """Choice i of n samples with seed + i, so seeded choices differ yet stay reproducible."""
+    return {**sampling, "seed": sampling["seed"] + choice} if "seed" in sampling and choice else sampling

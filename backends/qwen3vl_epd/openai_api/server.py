@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server: /v1/models and /v1/chat/completions over aiohttp, each request one
-gRPC stream to the `language` model; a client that leaves cancels its stream, so the engine stops."""
+"""The OpenAI-compatible server: /v1/models, /v1/chat/completions, /v1/completions and its own
+/metrics over aiohttp, each choice one gRPC stream to the `language` model; a client that leaves
+cancels its streams, so the engine stops."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import ClientError, ClientSession, ClientTimeout, web
 
+from qwen3vl_epd.openai_api import answers
 from qwen3vl_epd.openai_api import protocol as api
+from qwen3vl_epd.openai_api.metrics import DoorMetrics
 from qwen3vl_epd.openai_api.protocol import OpenAIError
-from qwen3vl_epd.openai_api.tools import CallStream, parse_calls
 from qwen3vl_epd.wire import Response, request_inputs, response_of
 
 RETRY_AFTER_S = 1
@@ -38,12 +40,16 @@ class ChatServer:
         self.config = config
         self.created = int(time.time())
         self.client = None  # made on the event loop (grpc.aio channels belong to one)
+        self.counters = DoorMetrics()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes, middlewares=[self._errors])
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.on_startup.append(self._connect)
         app.on_cleanup.append(self._close)
         return app
@@ -60,17 +66,30 @@ class ChatServer:
     async def _errors(self, request: web.Request, handler):
         """API key check, and every OpenAIError as OpenAI's error object."""
         key = self.config.api_key
+        self.counters.start(request)
         try:
             if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
                 raise OpenAIError(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
-            return await handler(request)
+            response = await handler(request)
         except OpenAIError as e:
             # 503 is back-pressure or a restart: the client may retry, and is told when.
             headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
-            return web.json_response(e.body(), status=e.status, headers=headers)
+            response = web.json_response(e.body(), status=e.status, headers=headers)
+        self.counters.request(request, response.status)
+        return response
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response(api.models(self.config.served_model, self.created))
+        return web.json_response(answers.models(self.config.served_model, self.created))
+
+    async def model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name != self.config.served_model:
+            raise OpenAIError(404, f"The model '{name}' does not exist; this server serves '{self.config.served_model}'",
+                              "invalid_request_error", "model", "model_not_found")
+        return web.json_response(answers.model_object(name, self.created))
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.counters.render(), content_type="text/plain")
 
     async def health(self, request: web.Request) -> web.Response:
         try:
@@ -80,28 +99,37 @@ class ChatServer:
         return web.Response(status=200 if ready else 503, text="ok" if ready else "not ready")
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise api.invalid(f"the request body is not valid JSON: {e}") from None
-        chat = api.chat_request(body, self.config.served_model)
+        chat = api.chat_request(await _body(request), self.config.served_model)
         await self._fetch_remote_images(chat)
-        cid = api.completion_id()
-        outputs = self._generate(chat)
-        try:
-            first = await anext(outputs)  # errors of the request itself still get their HTTP status
-            if not chat.stream:
-                text, calls = parse_calls(first.text) if chat.tools else (first.text, [])
-                return web.json_response(api.completion(
-                    cid, self.config.served_model, text, "tool_calls" if calls else first.finish_reason,
-                    first.num_input_tokens, first.num_output_tokens,
-                    api.logprobs_object(first.logprobs) if chat.logprobs else None, calls))
-            return await self._stream(request, chat, cid, first, outputs)
-        finally:
-            await outputs.aclose()
+        return await self._answer(request, chat, answers.CHAT)
 
-    async def _stream(self, request, chat, cid, first: Response, outputs) -> web.StreamResponse:
-        """Server-sent events: a role chunk, content chunks, the finish chunk, usage if asked, [DONE]."""
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, api.text_request(await _body(request), self.config.served_model),
+                                  answers.TEXT)
+
+    async def _answer(self, request, req, kind: str) -> web.StreamResponse:
+        """n choices, each one stream to the language model. The others start once the first has
+        answered: its prompt's KV blocks are in the prefix cache by then, and they share them."""
+        cid, model = answers.completion_id(kind), self.config.served_model
+        choices = [answers.Choice(kind, i, req.logprobs, req.tools is not None) for i in range(req.n)]
+        gens = [self._generate(*req.inputs(0), req.stream)]
+        try:
+            first = await anext(gens[0])  # errors of the request itself still get their HTTP status
+            self.counters.first_token(request)
+            gens += [self._generate(*req.inputs(i), req.stream) for i in range(1, req.n)]
+            if not req.stream:
+                outs = [first, *await asyncio.gather(*(anext(g) for g in gens[1:]))]
+                self.counters.tokens(outs[0].num_input_tokens, sum(o.num_output_tokens for o in outs))
+                return web.json_response(answers.whole(
+                    kind, cid, model, [c.whole(o) for c, o in zip(choices, outs)],
+                    answers.usage(outs[0].num_input_tokens, sum(o.num_output_tokens for o in outs))))
+            return await self._stream(request, req, kind, cid, choices, first, gens)
+        finally:
+            for g in gens:
+                await g.aclose()
+
+    async def _stream(self, request, req, kind, cid, choices, first: Response, gens) -> web.StreamResponse:
+        """Server-sent events: each choice's chunks as its responses arrive, usage if asked, [DONE]."""
         model = self.config.served_model
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
@@ -109,42 +137,54 @@ class ChatServer:
         async def send(obj) -> None:
             await response.write(f"data: {json.dumps(obj)}\n\n".encode())
 
-        await send(api.chunk(cid, model, {"role": "assistant", "content": ""}))
-        out, calls = first, CallStream() if chat.tools else None
+        arrivals: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, gen, out: Response | None = None) -> None:
+            try:
+                while out is None or not out.finish_reason:
+                    if out is not None:
+                        await arrivals.put((i, out))
+                    out = await anext(gen)
+                await arrivals.put((i, out))
+            except OpenAIError as e:
+                await arrivals.put((i, e))
+
+        pumps = [asyncio.create_task(pump(0, gens[0], first))]
+        pumps += [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens[1:], 1)]
         try:
-            while True:
-                text = calls.feed(out.text) if calls else out.text
-                if text or out.logprobs:
-                    logprobs = api.logprobs_object(out.logprobs) if chat.logprobs else None
-                    await send(api.chunk(cid, model, {"content": text}, logprobs=logprobs))
-                if out.finish_reason:
-                    reason = out.finish_reason
-                    if calls:
-                        rest, parsed = calls.finish()
-                        if rest:
-                            await send(api.chunk(cid, model, {"content": rest}))
-                        for i, call in enumerate(parsed):  # one delta per call, as the SDK assembles them
-                            await send(api.chunk(cid, model, {"tool_calls": [{"index": i, **call}]}))
-                        reason = "tool_calls" if parsed else reason
-                    await send(api.chunk(cid, model, {}, reason))
-                    if chat.include_usage:
-                        await send(api.chunk(cid, model, None, usage_=api.usage(out.num_input_tokens,
-                                                                                out.num_output_tokens)))
+            for c in choices:
+                if entries := c.opening():
+                    await send(answers.chunk(kind, cid, model, entries))
+            done, prompt_tokens, completion_tokens = 0, 0, 0
+            while done < len(choices):
+                i, out = await arrivals.get()
+                if isinstance(out, OpenAIError):  # after the headers went out, an error travels as an event
+                    await send(out.body())
                     break
-                out = await anext(outputs)
-        except OpenAIError as e:  # after the headers went out, an error travels as an event
-            await send(e.body())
+                for entry in choices[i].stream(out):
+                    await send(answers.chunk(kind, cid, model, [entry]))
+                if out.finish_reason:
+                    done += 1
+                    prompt_tokens, completion_tokens = out.num_input_tokens, completion_tokens + out.num_output_tokens
+            else:
+                self.counters.tokens(prompt_tokens, completion_tokens)
+                if req.include_usage:
+                    await send(answers.chunk(kind, cid, model, [], answers.usage(prompt_tokens, completion_tokens)))
+        finally:
+            for p in pumps:
+                p.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
 
-    async def _generate(self, chat: api.ChatRequest):
+    async def _generate(self, prompt: str | None, fields: dict, stream: bool):
         """The model's responses for one request; OpenAIError for its errors. Leaving early (the
         client went away, or the handler was cancelled) cancels the gRPC stream, and so the request."""
         finished = asyncio.Event()
 
         async def requests():
-            inputs = request_inputs(None, [], chat.stream, chat.fields())
+            inputs = request_inputs(prompt, [], stream, fields)
             yield {"model_name": self.config.model, "inputs": inputs, "request_id": uuid.uuid4().hex}
             await finished.wait()  # the stream stays open until the last response
 
@@ -190,6 +230,13 @@ class ChatServer:
         if len(data) > limit:
             raise api.invalid(f"{param}: {url} is over the limit of {limit} encoded bytes", param)
         return "data:image;base64," + base64.b64encode(data).decode()
+
+
+async def _body(request: web.Request):
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise api.invalid(f"the request body is not valid JSON: {e}") from None
 
 
 def serve(config: ServerConfig, host: str, port: int) -> None:
