@@ -7,6 +7,7 @@ import http.server
 import json
 import re
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -18,7 +19,7 @@ import pydantic
 import pytest
 from reference import reference_greedy, reference_logprobs
 
-from client import data_url, generate, text_of
+from client import RequestError, data_url, generate, text_of
 from support.prompts import image_bytes
 from support.tritonserver import TritonServer, start_openai_server, wait_http_ok
 
@@ -422,3 +423,59 @@ def test_text_completions_models_and_door_metrics(server, sdk, processor, refere
     assert 'epd_openai_requests_total{endpoint="/v1/completions",status="400"} 1' in text
     tokens_out = float(re.search(r"^epd_openai_completion_tokens_total (\S+)$", text, re.M).group(1))
     assert tokens_out >= 2 * len(tokens)
+
+
+LANGCHAIN = """
+import json, sys
+from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field
+from langchain_openai import ChatOpenAI
+
+class Pet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=6)
+    kind: Literal["cat", "dog", "dragon"]
+    age: int = Field(ge=0, le=30)
+
+class get_weather(BaseModel):  # a tool as a pydantic model: bounded, so the random model finishes its call
+    '''The weather in a city.'''
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=8)
+
+llm = ChatOpenAI(base_url=sys.argv[1], api_key="unused", model="tiny", max_tokens=80, max_retries=0)
+pet = llm.with_structured_output(Pet, method="json_schema", strict=True).invoke("Describe a pet.")
+call = llm.bind_tools([get_weather], tool_choice="get_weather").invoke("Weather in Oslo?").tool_calls[0]
+print(json.dumps({"pet": pet.model_dump(), "call": call["name"], "args": call["args"]}))
+"""
+
+
+def test_langchain_structured_output_and_tools(server):
+    """langchain-openai (its own venv, support/clients.py) against the door: with_structured_output
+    with a pydantic model, and bind_tools with a forced tool, as agents use them."""
+    from support import clients
+
+    out = subprocess.run([str(clients.python()), "-c", LANGCHAIN, server.openai_url], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    Pet.model_validate(result["pet"])
+    assert result["call"] == "get_weather" and isinstance(result["args"].get("city"), str)
+
+
+def test_response_format_and_tools_on_the_triton_door(server):
+    """The `response_format` input (here a regex) and `tools` (rendered with `messages`) on ensemble
+    and language; tools without messages are refused naming the field."""
+    text, last = text_of(generate(server.grpc_url, "Give a code.", model="ensemble", max_tokens=40,
+                                  response_format=json.dumps({"type": "regex", "regex": "[A-Z]{2}-[0-9]{3}"})))
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", text) and last.finish_reason == "stop"
+    turns = [{"role": "user", "content": "Weather in Oslo?"}]
+    forced = {"type": "grammar", "grammar": 'start: <tool_call> "\\n" call "\\n" </tool_call>\ncall: %json '
+              + json.dumps({"type": "object", "properties": {"name": {"const": "get_time"}, "arguments": {
+                  "type": "object", "properties": {"zone": {"enum": ["UTC"]}}, "required": ["zone"],
+                  "additionalProperties": False}}, "required": ["name", "arguments"], "additionalProperties": False,
+                  "x-guidance": {"whitespace_flexible": False}})}
+    text, _ = text_of(generate(server.http_url, None, protocol="http", messages=turns, tools=json.dumps([TIME_TOOL]),
+                               max_tokens=40, response_format=json.dumps(forced)))
+    assert json.loads(text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))["name"] == "get_time"
+    with pytest.raises(RequestError, match="tools: needs messages"):
+        text_of(generate(server.grpc_url, "hi", tools=json.dumps([TIME_TOOL])))
