@@ -116,3 +116,19 @@ def ask_with_image(server, endpoint: str, image: bytes, max_tokens: int = 4, mod
                                                {"type": "image_url", "image_url": {"url": data_url(image)}},
                                                {"type": "text", "text": "Describe this image."}]}])
     return reply.usage.completion_tokens
+
+
+def run_local(engine, asks: list[tuple], timeout: float = 180) -> list[Collector]:
+    """Submit each (EncodedPrompt, SamplingParams) to the engine as a local prompt, all before the
+    first finishes; their collectors once every one has ended without an error."""
+    from qwen3vl_epd.prompt.source import LocalPrompt
+
+    collectors = []
+    for prompt, params in asks:
+        c = Collector(params)
+        engine.submit(LocalPrompt(prompt, ENGINE_CHUNK), c.request)
+        collectors.append(c)
+    for c in collectors:
+        assert c.done.wait(timeout), "request did not finish"
+        assert c.last.error is None, c.last.error
+    return collectors

@@ -7,9 +7,8 @@ from reference import reference_greedy, reference_logprobs
 from qwen3vl_epd.errors import InvalidInputError
 from qwen3vl_epd.language.engine.engine import Engine
 from qwen3vl_epd.language.sampling import SamplingParams, sampling_params
-from qwen3vl_epd.prompt.source import LocalPrompt
 from qwen3vl_epd.settings import LanguageSettings
-from support.prompts import ENGINE_CHUNK, Collector, prompt_inputs
+from support.prompts import prompt_inputs, run_local
 
 pytestmark = pytest.mark.mooncake
 
@@ -40,13 +39,7 @@ def test_logprobs_equal_transformers_log_softmax(language, puller, processor, en
             ("dragon", SamplingParams(max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=7, logprobs=2)),
             ("dragon", SamplingParams(max_tokens=8))]
     try:
-        collectors = []
-        for name, params in asks:
-            c = Collector(params)
-            engine.submit(LocalPrompt(encoded[name], ENGINE_CHUNK), c.request)
-            collectors.append(c)
-        for c in collectors:
-            assert c.done.wait(120) and c.last.error is None
+        collectors = run_local(engine, [(encoded[name], params) for name, params in asks])
     finally:
         engine.stop()
     for (name, params), c in zip(asks, collectors):

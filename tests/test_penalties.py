@@ -9,9 +9,8 @@ from reference import reference_greedy, reference_inputs
 from qwen3vl_epd.errors import InvalidInputError
 from qwen3vl_epd.language.engine.engine import Engine
 from qwen3vl_epd.language.sampling import SamplingParams, sampling_params
-from qwen3vl_epd.prompt.source import LocalPrompt
 from qwen3vl_epd.settings import LanguageSettings
-from support.prompts import ENGINE_CHUNK, Collector, prompt_inputs
+from support.prompts import prompt_inputs, run_local
 
 pytestmark = pytest.mark.mooncake
 N = 10
@@ -43,17 +42,6 @@ def openai_penalised_greedy(model, prompt, bias: dict[int, float], presence: flo
     return tokens
 
 
-def run(engine, encoded, asks):
-    collectors = []
-    for name, params in asks:
-        c = Collector(params)
-        engine.submit(LocalPrompt(encoded[name], ENGINE_CHUNK), c.request)
-        collectors.append(c)
-    for c in collectors:
-        assert c.done.wait(120) and c.last.error is None, c.last.error
-    return collectors
-
-
 def test_penalties_and_bias_equal_transformers(language, puller, processor, encoder, reference):
     names = ["dragon", "small_image"]
     processed = {n: processor.process(*prompt_inputs(n)) for n in names}
@@ -79,8 +67,8 @@ def test_penalties_and_bias_equal_transformers(language, puller, processor, enco
     assert expected[2] != small_biased and expected[3] != small
     engine = Engine(language, puller, processor.tokenizer, LanguageSettings(kv_cache_tokens=8192))
     try:
-        run(engine, encoded, [("dragon", SamplingParams(max_tokens=4))])  # its prefix cached: the penalty must not use it
-        collectors = run(engine, encoded, [(n, SamplingParams(max_tokens=N, logprobs=0, **kw)) for n, kw in asks])
+        run_local(engine, [(encoded["dragon"], SamplingParams(max_tokens=4))])  # cached: the penalty must not use it
+        collectors = run_local(engine, [(encoded[n], SamplingParams(max_tokens=N, logprobs=0, **kw)) for n, kw in asks])
     finally:
         engine.stop()
     for c, want in zip(collectors, expected):

@@ -14,9 +14,8 @@ from qwen3vl_epd.errors import InvalidInputError
 from qwen3vl_epd.language.engine.engine import Engine
 from qwen3vl_epd.language.grammar import Grammars
 from qwen3vl_epd.language.sampling import SamplingParams, sampling_params
-from qwen3vl_epd.prompt.source import LocalPrompt
 from qwen3vl_epd.settings import LanguageSettings
-from support.prompts import ENGINE_CHUNK, Collector, prompt_inputs
+from support.prompts import prompt_inputs, run_local
 
 pytestmark = pytest.mark.mooncake
 
@@ -54,13 +53,7 @@ def test_outputs_follow_their_grammar_beside_free_requests(language, puller, pro
             ("dragon", {}, None)]
     engine = Engine(language, puller, processor.tokenizer, LanguageSettings(kv_cache_tokens=8192))
     try:
-        collectors = []
-        for name, kw, _ in asks:
-            c = Collector(SamplingParams(max_tokens=120, **kw))
-            engine.submit(LocalPrompt(encoded[name], ENGINE_CHUNK), c.request)
-            collectors.append(c)
-        for c in collectors:
-            assert c.done.wait(180) and c.last.error is None, c.last.error
+        collectors = run_local(engine, [(encoded[name], SamplingParams(max_tokens=120, **kw)) for name, kw, _ in asks])
     finally:
         engine.stop()
     for (name, kw, check), c in zip(asks, collectors):

@@ -108,9 +108,14 @@ class Matcher:
 _executor = None
 
 
-def fill_masks(matchers: list[Matcher], out: torch.Tensor) -> torch.Tensor:
+# Byte value → its 8 bits, lowest first: unpacks a bitmask with one gather.
+_BITS = ((torch.arange(256, dtype=torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool()
+
+
+def fill_masks(matchers: list[Matcher], out: torch.Tensor, vocab: int | None = None) -> torch.Tensor:
     """Row j of `out` (contiguous host int32 [len(matchers), words]) for matchers[j], the rows in
-    parallel on llguidance's own threads."""
+    parallel on llguidance's own threads. With `vocab`: unpacked here into what each row forbids,
+    bool [k, vocab] (for CPU logits: this thread does it while the forward runs)."""
     global _executor
     if _executor is None:
         from llguidance import LLExecutor
@@ -118,10 +123,15 @@ def fill_masks(matchers: list[Matcher], out: torch.Tensor) -> torch.Tensor:
         _executor = LLExecutor()
     _executor.unsafe_compute_mask_ptr([(m.m, j) for j, m in enumerate(matchers)], out.data_ptr(),
                                       out.shape[1] * out.element_size(), out.shape[0])
-    return out
+    if vocab is None:
+        return out
+    return ~_BITS[out.view(torch.uint8).long()].view(out.shape[0], -1)[:, :vocab]
 
 
 def apply_masks(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """logits [k, vocab] with every token the bitmasks [k, words] (on the logits' device) forbid at -inf."""
+    """logits [k, vocab] with every token the bitmasks [k, words] (on the logits' device) forbid at
+    -inf; `masks` may be fill_masks' unpacked bool [k, vocab] of what is forbidden."""
+    if masks.dtype == torch.bool:
+        return logits.masked_fill(masks, float("-inf"))
     bits = (masks[:, :, None] >> torch.arange(32, dtype=torch.int32, device=masks.device)) & 1
     return logits.masked_fill(bits.view(masks.shape[0], -1)[:, : logits.shape[-1]] == 0, float("-inf"))

@@ -85,7 +85,8 @@ class ModelRunner:
         if constrained:  # computed on the host while the forward runs (llguidance releases the GIL)
             rows = host_zeros(len(constrained), (m.config.text_config.vocab_size + 31) // 32, dtype=torch.int32,
                               device=dev)
-            self._pending = self._masks.submit(fill_masks, constrained, rows)
+            unpack = m.config.text_config.vocab_size if dev.type == "cpu" else None  # a GPU unpacks them faster
+            self._pending = self._masks.submit(fill_masks, constrained, rows, unpack)
         attention = step_attention(self.attention_backend, decodes[0].kv.cache if decodes else prefills[0].seq.kv.cache,
                                    [(p.seq.kv, p.rows.length) for p in prefills], [s.kv for s in decodes])
         logits = m.forward(torch.cat(embeds), positions, attention, rest[:n_vis], ds, rest[n_vis:])
