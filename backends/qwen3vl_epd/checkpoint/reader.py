@@ -78,7 +78,8 @@ def load_module(module: torch.nn.Module, reader: CheckpointReader, prefix: str, 
         if name.endswith(_EXPERT_SUFFIXES) and t.shape != expected[name]:
             t = t.transpose(1, 2).contiguous()
         if t.shape != expected[name]:
-            raise RuntimeError(f"{prefix}{name}: shape {tuple(t.shape)} in the checkpoint, {tuple(expected[name])} expected")
+            raise RuntimeError(f"{prefix}{name}: shape {tuple(t.shape)} in the checkpoint, "
+                               f"{tuple(expected[name])} expected")
         owner, _, leaf = name.rpartition(".")
         sub = module.get_submodule(owner)
         if leaf in sub._parameters:

@@ -32,7 +32,8 @@ class SamplingParams:
 
     @property
     def penalised(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias
+                    or self.repetition_penalty != 1.0)
 
     def validate(self, max_tokens_limit: int, vocab_size: int | None = None) -> SamplingParams:
         """InvalidInputError naming the field and its limit."""

@@ -51,7 +51,8 @@ def parse_messages(text: str, images: Sequence[bytes] = ()) -> Conversation:
         content = turn.get("content")
         if content is None and role == "assistant":
             content = ""
-        extra = {"tool_calls": _tool_calls(turn["tool_calls"], where)} if role == "assistant" and turn.get("tool_calls") else {}
+        calls = turn.get("tool_calls") if role == "assistant" else None
+        extra = {"tool_calls": _tool_calls(calls, where)} if calls else {}
         if isinstance(content, str):
             turns.append({"role": role, "content": content, **extra})
             continue
@@ -95,9 +96,10 @@ def _tool_calls(calls, where: str) -> list[dict]:
     out = []
     for c, call in enumerate(calls):
         f = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not isinstance(f.get("arguments"), (str, dict)):
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("arguments"), (str, dict))):
             raise InvalidInputError(f"{where} (assistant) tool call {c}: needs function.name and function.arguments")
-        out.append({"id": call.get("id", ""), "type": "function", "function": {"name": f["name"], "arguments": f["arguments"]}})
+        out.append({"id": call.get("id", ""), "type": "function",
+                    "function": {"name": f["name"], "arguments": f["arguments"]}})
     return out
 
 

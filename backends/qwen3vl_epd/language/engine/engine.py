@@ -37,7 +37,8 @@ class Engine:
     def __init__(self, model: LanguageModel, puller: Puller, tokenizer, config: LanguageSettings,
                  deliver: Callable[[LanguageRequest, Piece], None] | None = None):
         """`config`: the engine reads kv_cache_tokens, kv_block_size, attention_backend,
-        max_batched_tokens, max_running and max_model_len. `deliver` gets every piece (default: the request's own send)."""
+        max_batched_tokens, max_running and max_model_len. `deliver` gets every piece (default:
+        the request's own send)."""
         tc = model.config.text_config
         self.config = config
         self.kv = PagedKVCache(tc.num_hidden_layers, blocks_for(config.kv_cache_tokens, config.kv_block_size),
