@@ -8,7 +8,7 @@ from reference import reference_greedy, reference_logits
 from qwen3vl_epd.language.engine.engine import Engine
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner
-from qwen3vl_epd.language.sampling import SamplingParams
+from qwen3vl_epd.language.sampling import Sampler, SamplingParams
 from qwen3vl_epd.settings import LanguageSettings
 from support.prompts import ENGINE_CHUNK, TOL, Collector, image_bytes, noise_jpeg
 
@@ -122,7 +122,7 @@ def test_prompt_logits_after_a_cached_prefix(processor, encoder, language, refer
         from types import SimpleNamespace
 
         seq = SimpleNamespace(kv=kv.allocate_sequence(e.length + 1, e.block_hashes(), e.length), prompt_len=e.length,
-                              mrope_delta=e.mrope_delta, tokens=[])
+                              mrope_delta=e.mrope_delta, tokens=[], sampler=Sampler(SamplingParams()), grammar=None)
         seq.prefilled = seq.kv.length
         _, logits = runner.run([runner.prepare(seq, e.slice(seq.prefilled, e.length))], [])
         kv.publish(seq.kv, e.block_hashes())
