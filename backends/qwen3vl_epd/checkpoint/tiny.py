@@ -10,47 +10,12 @@ from pathlib import Path
 
 import torch
 
-# Qwen3-VL chat template, written for this project after the real one's layout: a content list item
-# {"type": "image"} becomes <|vision_start|><|image_pad|><|vision_end|>; `tools` go into the system
-# turn inside <tools></tools>, an assistant's tool_calls become <tool_call> blocks, and consecutive
-# `tool` turns one user turn of <tool_response> blocks.
-CHAT_TEMPLATE = """{%- macro render(content) %}
-{%- if content is string %}{{- content }}
-{%- else %}{%- for c in content %}
-{%- if c.type == 'image' or 'image' in c or 'image_url' in c %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
-{%- elif c.type == 'video' or 'video' in c %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}
-{%- elif 'text' in c %}{{- c.text }}
-{%- endif %}{%- endfor %}{%- endif %}
-{%- endmacro %}
-{%- if tools %}
-{{- '<|im_start|>system\\n' }}
-{%- if messages[0].role == 'system' %}{{- render(messages[0].content) + '\\n\\n' }}{%- endif %}
-{{- '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}
-{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}
-{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-{%- if tools and loop.first and message.role == 'system' %}
-{%- elif message.role == 'tool' %}
-{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}
-{{- '\\n<tool_response>\\n' + render(message.content) + '\\n</tool_response>' }}
-{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}
-{%- else %}
-{{- '<|im_start|>' + message.role + '\\n' + render(message.content) }}
-{%- for call in message.tool_calls or [] %}
-{%- set f = call.function if call.function is defined else call %}
-{%- if loop.first and message.content %}{{- '\\n' }}{%- endif %}
-{{- '<tool_call>\\n{"name": "' + f.name + '", "arguments": ' }}
-{%- if f.arguments is string %}{{- f.arguments }}{%- else %}{{- f.arguments | tojson }}{%- endif %}
-{{- '}\\n</tool_call>' }}
-{%- endfor %}
-{{- '<|im_end|>\\n' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-{{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
+# Qwen3-VL chat template, written for this project after the real one's layout (chat_template.jinja
+# beside this file): an image part becomes <|vision_start|><|image_pad|><|vision_end|>; `tools` go into
+# the system turn inside <tools></tools>, an assistant's tool_calls become <tool_call> blocks, and
+# consecutive `tool` turns one user turn of <tool_response> blocks. scripts/setup keeps a built
+# checkpoint's copy equal to it.
+CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
 
 # Qwen3-VL image processor settings (patch 16, temporal 2, merge 2, mean/std 0.5).
 PREPROCESSOR_CONFIG = {

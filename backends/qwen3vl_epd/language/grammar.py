@@ -22,7 +22,7 @@ class Grammars:
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self.words = (vocab_size + 31) // 32  # int32 words of one token bitmask
-        self._ll = None
+        self._ll = self._executor = None
         self._lock = threading.Lock()
 
     @property
@@ -33,6 +33,16 @@ class Grammars:
 
                 self._ll = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size)
             return self._ll
+
+    @property
+    def executor(self):
+        """llguidance's pool that computes many matchers' masks in parallel."""
+        with self._lock:
+            if self._executor is None:
+                from llguidance import LLExecutor
+
+                self._executor = LLExecutor()
+            return self._executor
 
     def compile(self, response_format: str | dict | None) -> Grammar | None:
         """The grammar a response_format asks for (None: plain text); InvalidInputError naming
@@ -88,7 +98,7 @@ class Matcher:
     def __init__(self, grammars: Grammars, text: str):
         from llguidance import LLMatcher
 
-        self.words = grammars.words
+        self.grammars, self.words = grammars, grammars.words
         self.m = LLMatcher(grammars.ll_tokenizer, text, log_level=0)
 
     def fill(self, row: torch.Tensor) -> None:
@@ -105,9 +115,6 @@ class Matcher:
         return self.m.is_stopped()
 
 
-_executor = None
-
-
 # Byte value → its 8 bits, lowest first: unpacks a bitmask with one gather.
 _BITS = ((torch.arange(256, dtype=torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1).bool()
 
@@ -116,12 +123,7 @@ def fill_masks(matchers: list[Matcher], out: torch.Tensor, vocab: int | None = N
     """Row j of `out` (contiguous host int32 [len(matchers), words]) for matchers[j], the rows in
     parallel on llguidance's own threads. With `vocab`: unpacked here into what each row forbids,
     bool [k, vocab] (for CPU logits: this thread does it while the forward runs)."""
-    global _executor
-    if _executor is None:
-        from llguidance import LLExecutor
-
-        _executor = LLExecutor()
-    _executor.unsafe_compute_mask_ptr([(m.m, j) for j, m in enumerate(matchers)], out.data_ptr(),
+    matchers[0].grammars.executor.unsafe_compute_mask_ptr([(m.m, j) for j, m in enumerate(matchers)], out.data_ptr(),
                                       out.shape[1] * out.element_size(), out.shape[0])
     if vocab is None:
         return out

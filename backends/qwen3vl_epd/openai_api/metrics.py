@@ -25,7 +25,7 @@ class DoorMetrics:
 
     def start(self, request: web.Request) -> None:
         request["epd_started"] = time.perf_counter()
-        self.in_flight += 1
+        self.in_flight += self._endpoint(request) is not None
 
     def first_token(self, request: web.Request) -> None:
         self.ttft_sum += time.perf_counter() - request["epd_started"]
@@ -36,8 +36,8 @@ class DoorMetrics:
         self.completion_tokens += completion
 
     def request(self, request: web.Request, status: int) -> None:
-        self.in_flight -= 1
         if (endpoint := self._endpoint(request)) is not None:
+            self.in_flight -= 1
             self.requests[endpoint, status] += 1
             self.seconds[endpoint] += time.perf_counter() - request["epd_started"]
 
@@ -52,5 +52,5 @@ class DoorMetrics:
                   "# TYPE epd_openai_prompt_tokens_total counter", f"epd_openai_prompt_tokens_total {self.prompt_tokens}",
                   "# TYPE epd_openai_completion_tokens_total counter",
                   f"epd_openai_completion_tokens_total {self.completion_tokens}",
-                  "# TYPE epd_openai_requests_in_flight gauge", f"epd_openai_requests_in_flight {self.in_flight - 1}"]
+                  "# TYPE epd_openai_requests_in_flight gauge", f"epd_openai_requests_in_flight {self.in_flight}"]
         return "\n".join(lines) + "\n"

@@ -5,17 +5,17 @@ cancels its streams, so the engine stops."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 import uuid
 from dataclasses import dataclass
 
 import grpc
-from aiohttp import ClientError, ClientSession, ClientTimeout, web
+from aiohttp import web
 
 from qwen3vl_epd.openai_api import answers
 from qwen3vl_epd.openai_api import protocol as api
+from qwen3vl_epd.openai_api.images import fetch_remote_images
 from qwen3vl_epd.openai_api.metrics import DoorMetrics
 from qwen3vl_epd.openai_api.protocol import OpenAIError
 from qwen3vl_epd.wire import Response, request_inputs, response_of
@@ -64,19 +64,30 @@ class ChatServer:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler):
+        """Every request counted in the door's metrics, its status included."""
+        self.counters.start(request)
+        status = 500  # a bug, or a client gone mid-answer
+        try:
+            response = await self._answered(request, handler)
+            status = response.status
+            return response
+        except web.HTTPException as e:  # aiohttp's own (an unknown path)
+            status = e.status
+            raise
+        finally:
+            self.counters.request(request, status)
+
+    async def _answered(self, request: web.Request, handler) -> web.StreamResponse:
         """API key check, and every OpenAIError as OpenAI's error object."""
         key = self.config.api_key
-        self.counters.start(request)
         try:
             if key and request.path.startswith("/v1/") and request.headers.get("Authorization") != f"Bearer {key}":
                 raise OpenAIError(401, "Incorrect API key provided", "invalid_request_error", code="invalid_api_key")
-            response = await handler(request)
+            return await handler(request)
         except OpenAIError as e:
             # 503 is back-pressure or a restart: the client may retry, and is told when.
             headers = {"Retry-After": str(RETRY_AFTER_S)} if e.status == 503 else None
-            response = web.json_response(e.body(), status=e.status, headers=headers)
-        self.counters.request(request, response.status)
-        return response
+            return web.json_response(e.body(), status=e.status, headers=headers)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(answers.models(self.config.served_model, self.created))
@@ -100,7 +111,7 @@ class ChatServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         chat = api.chat_request(await _body(request), self.config.served_model)
-        await self._fetch_remote_images(chat)
+        await fetch_remote_images(chat, self.config)
         return await self._answer(request, chat, answers.CHAT)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -205,31 +216,6 @@ class ChatServer:
             finished.set()
             call.cancel()
 
-    async def _fetch_remote_images(self, chat: api.ChatRequest) -> None:
-        """http(s) image URLs → data: URLs, when enabled; refused otherwise."""
-        if not chat.remote_images:
-            return
-        if not self.config.allow_remote_images:
-            param = chat.remote_images[0][0]
-            raise api.invalid(f"{param}: remote image URLs are not fetched by this server; send the image as a "
-                              "data: URL (or start the OpenAI server with --allow-remote-images)", param)
-        timeout = ClientTimeout(total=self.config.fetch_timeout_s)
-        async with ClientSession(timeout=timeout) as session:
-            for param, image_url in chat.remote_images:
-                image_url["url"] = await self._fetch(session, param, image_url["url"])
-
-    async def _fetch(self, session: ClientSession, param: str, url: str) -> str:
-        limit = self.config.max_image_bytes
-        try:
-            async with session.get(url) as reply:
-                if reply.status != 200:
-                    raise api.invalid(f"{param}: fetching {url} answered HTTP {reply.status}", param)
-                data = await reply.content.read(limit + 1)
-        except (ClientError, asyncio.TimeoutError) as e:
-            raise api.invalid(f"{param}: fetching {url} failed: {e or type(e).__name__}", param) from None
-        if len(data) > limit:
-            raise api.invalid(f"{param}: {url} is over the limit of {limit} encoded bytes", param)
-        return "data:image;base64," + base64.b64encode(data).decode()
 
 
 async def _body(request: web.Request):
