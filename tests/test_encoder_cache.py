@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from qwen3vl_epd.encoder.cache import EncoderCache
-from qwen3vl_epd.prompt.images import Limits
+from qwen3vl_epd.prompt.limits import Limits
 from qwen3vl_epd.prompt.processor import Processor
 from support.prompts import TOL, image_bytes
 

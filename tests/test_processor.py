@@ -14,7 +14,8 @@ from qwen3vl_epd.errors import (
     PromptTooLongError,
     TooManyImagesError,
 )
-from qwen3vl_epd.prompt.images import Limits, decode_image
+from qwen3vl_epd.prompt.images import decode_image
+from qwen3vl_epd.prompt.limits import Limits
 from qwen3vl_epd.prompt.processor import VISION_PLACEHOLDER, Processor
 from support.prompts import ACCEPTED, REJECTED, image_bytes
 

@@ -29,6 +29,14 @@ class ImageTooLargeError(ImageError):
     """Over the encoded-bytes or pixel limit, or an aspect ratio the processor cannot resize."""
 
 
+class VideoError(InvalidInputError):
+    """A video was rejected; `index` is its position in the request (0-based)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(f"video {index}: {message}")
+        self.index = index
+
+
 class TooManyImagesError(InvalidInputError):
     """More images than the per-prompt limit."""
 

@@ -92,6 +92,12 @@ class EncoderSettings(Settings):
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_images: int = 8
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_video_seconds: float = 600.0
+    max_video_frames: int = 768  # frames sampled from one clip (the reference's own maximum)
+    max_video_pixels: int = 8_294_400  # per frame, from the header: 3840x2160
+    max_videos: int = 4
+    max_visual_tokens: int = 16384  # image and video tokens of one prompt, after resizing
 
 
 @dataclass

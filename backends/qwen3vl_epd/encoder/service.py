@@ -15,7 +15,7 @@ from qwen3vl_epd.encoder.vision import VisionEncoder
 from qwen3vl_epd.errors import EpdError, InvalidInputError
 from qwen3vl_epd.language.sampling import sampling_params
 from qwen3vl_epd.liveness import Progress
-from qwen3vl_epd.prompt.images import Limits
+from qwen3vl_epd.prompt.limits import Limits
 from qwen3vl_epd.prompt.processor import Processor
 from qwen3vl_epd.settings import EncoderSettings, Settings
 from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers

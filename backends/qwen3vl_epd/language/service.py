@@ -14,7 +14,7 @@ from qwen3vl_epd.language.grammar import Grammars
 from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.request import LanguageRequest, Phase, Piece, PromptInputs
 from qwen3vl_epd.language.sampling import SamplingParams, sampling_params
-from qwen3vl_epd.prompt.images import Limits
+from qwen3vl_epd.prompt.limits import Limits
 from qwen3vl_epd.prompt.messages import parse_messages, parse_tools
 from qwen3vl_epd.prompt.processor import Processor
 from qwen3vl_epd.prompt.source import LocalPrompt

@@ -6,30 +6,13 @@ import base64
 import binascii
 import io
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_transforms import convert_to_rgb
 
 from qwen3vl_epd.errors import ImageDecodeError, ImageTooLargeError
-from qwen3vl_epd.settings import EncoderSettings, Settings
-
-
-@dataclass
-class Limits:
-    """Per-request input limits; every violation names the limit in its error."""
-
-    max_image_bytes: int = EncoderSettings.max_image_bytes
-    max_image_pixels: int = EncoderSettings.max_image_pixels  # checked from the header, before any pixel is decoded
-    max_images: int = EncoderSettings.max_images
-    max_prompt_tokens: int = Settings.max_model_len
-
-    @classmethod
-    def of(cls, s: Settings) -> Limits:
-        """A side's limits (the language side sends images on unread: their limits are the encoder's)."""
-        images = {k: getattr(s, k) for k in ("max_image_bytes", "max_image_pixels", "max_images") if hasattr(s, k)}
-        return cls(**images, max_prompt_tokens=s.max_model_len)
+from qwen3vl_epd.prompt.limits import Limits
 
 
 def image_data(data: bytes, index: int, limits: Limits) -> bytes:

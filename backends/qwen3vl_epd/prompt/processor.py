@@ -17,7 +17,8 @@ from qwen3vl_epd.checkpoint.architecture import architecture
 from qwen3vl_epd.checkpoint.reader import load_config
 from qwen3vl_epd.errors import ImageTooLargeError, InvalidInputError, PromptTooLongError, TooManyImagesError
 from qwen3vl_epd.prompt.encoded import CachedImage, EncodedPrompt, ImageLookup
-from qwen3vl_epd.prompt.images import Limits, decode_raw, image_data
+from qwen3vl_epd.prompt.images import decode_raw, image_data
+from qwen3vl_epd.prompt.limits import Limits
 
 IMAGE_MARKER = "<image>"
 VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
