@@ -39,7 +39,7 @@ def synthetic_prompt(seed: int, length: int, visual: int, hidden: int, deepstack
         embeddings=torch.randn(visual, hidden, generator=g).to(dtype),
         deepstack=torch.randn(visual, deepstack * hidden, generator=g).to(dtype),
         mrope_delta=int(torch.randint(-500, 0, (1,), generator=g)),
-        image_spans=spans,
+        visual_spans=spans,
     )
 
 

@@ -3,11 +3,18 @@
 import torch
 
 
+def token_types(ids: torch.Tensor, image_token_id=151655, video_token_id=151656) -> torch.Tensor:
+    """mm_token_type_ids: 1 at image pads, 2 at video pads."""
+    return ((ids == image_token_id).int() + 2 * (ids == video_token_id).int())
+
+
 def reference_inputs(prompt, image_token_id=151655) -> dict:
     ids = prompt.fill_ids[None].long()
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).int())
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=token_types(ids, image_token_id))
     if prompt.num_images:
         kw.update(pixel_values=prompt.pixel_values, image_grid_thw=prompt.image_grid_thw)
+    if getattr(prompt, "num_videos", 0):
+        kw.update(pixel_values_videos=prompt.pixel_values_videos, video_grid_thw=prompt.video_grid_thw)
     return kw
 
 
@@ -31,6 +38,6 @@ def reference_logprobs(model, prompt, tokens: list[int], image_token_id=151655) 
     prompt and the tokens in one forward."""
     kw = reference_inputs(prompt, image_token_id)
     ids = torch.cat([kw["input_ids"], torch.tensor([tokens])], 1)
-    kw.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=(ids == image_token_id).int())
+    kw.update(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=token_types(ids, image_token_id))
     logits = model(**kw).logits[0, prompt.fill_ids.numel() - 1 : -1]
     return torch.log_softmax(logits.float(), -1)

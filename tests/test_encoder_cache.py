@@ -32,7 +32,7 @@ def encode(processor, encoder, cache, *prompts):
 
 def assert_same(a, b):
     assert torch.equal(a.fill_ids, b.fill_ids) and torch.equal(a.mrope_positions, b.mrope_positions)
-    assert a.mrope_delta == b.mrope_delta and a.image_spans == b.image_spans
+    assert a.mrope_delta == b.mrope_delta and a.visual_spans == b.visual_spans
     assert (a.embeddings - b.embeddings).abs().max() <= TOL and (a.deepstack - b.deepstack).abs().max() <= TOL
 
 

@@ -71,7 +71,7 @@ def test_dropping_deepstack_breaks_equivalence(prompts, references, encoder, lan
 def test_dropping_deepstack_after_first_chunk_breaks_equivalence(prompts, references, encoder, language):
     """Control for the seed's bug: DeepStack only in the first chunk must be caught."""
     encoded = encoder.encode([prompts["landscape"]])[0]
-    first_image_token = encoded.image_spans[0][0]
+    first_image_token = encoded.visual_spans[0][0]
     chunk = first_image_token + 16  # the first chunk holds only part of the image
     keep = encoded.visual_rows_before(chunk)
     encoded.deepstack = encoded.deepstack.clone()

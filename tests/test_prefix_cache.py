@@ -43,8 +43,8 @@ def test_hits_equal_transformers_and_end_inside_an_image(peer, puller, language,
         # the same image, then another: the shared prefix ends after the first image's pads
         b = processor.process("<image><image> Compare them.", [Y, X])
         hit = run(engine, peer, processor, reference, "<image><image> Compare them.", [Y, X])
-        (first, n), _ = b.image_spans
-        assert hit == (first + n + 1) // 16 * 16 and first < hit < first + n, (hit, b.image_spans)  # inside it
+        (first, n), _ = b.visual_spans
+        assert hit == (first + n + 1) // 16 * 16 and first < hit < first + n, (hit, b.visual_spans)  # inside it
         # the whole prompt again: everything but the last block is reused
         again = run(engine, peer, processor, reference, "<image><image> Compare them.", [Y, X])
         assert again == (b.fill_ids.numel() - 1) // 16 * 16
@@ -56,7 +56,7 @@ def test_images_are_part_of_the_key(peer, puller, language, processor, reference
     engine = engine_for(language, puller, processor)
     try:
         run(engine, peer, processor, reference, "<image> Describe it.", [N1])
-        start = processor.process("<image> Describe it.", [N2]).image_spans[0][0]
+        start = processor.process("<image> Describe it.", [N2]).visual_spans[0][0]
         # another image of the same size: nothing from the first image's pads on
         assert run(engine, peer, processor, reference, "<image> Describe it.", [N2]) <= start
         # the same image at another place: the prefix differs before it

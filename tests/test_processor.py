@@ -35,7 +35,7 @@ def test_accepted_images(processor, name):
     p = processor.process("What is this?", [image_bytes(name)])
     assert p.num_images == 1
     v = int(p.image_grid_thw.prod()) // 4
-    assert int((p.fill_ids == 151655).sum()) == v and p.image_spans[0][1] == v
+    assert int((p.fill_ids == 151655).sum()) == v and p.visual_spans[0][1] == v
     assert p.pixel_values.shape == (int(p.image_grid_thw.prod()), 3 * 2 * 16 * 16)
     assert p.mrope_positions.shape == (3, p.fill_ids.numel())
 
@@ -110,13 +110,13 @@ def test_images_anywhere_in_the_prompt(processor):
     p = processor.process("A <image> then B <image> then C", [img1, img2])
     text = processor.tokenizer.decode(p.fill_ids)
     assert text.index("A ") < text.index("<|vision_start|>") < text.index(" then B")
-    (s0, n0), (s1, n1) = p.image_spans
+    (s0, n0), (s1, n1) = p.visual_spans
     assert (n0, n1) == (64, 144) and s0 < s1
     assert processor.tokenizer.decode(p.fill_ids[s0 + n0 : s1]).startswith("<|vision_end|> then B")
     # no marker: images go first, in order
     q = processor.process("Compare.", [img2, img1])
-    assert [n for _, n in q.image_spans] == [144, 64]
-    assert processor.tokenizer.decode(q.fill_ids[q.image_spans[1][0] + 64 :]).startswith("<|vision_end|>Compare.")
+    assert [n for _, n in q.visual_spans] == [144, 64]
+    assert processor.tokenizer.decode(q.fill_ids[q.visual_spans[1][0] + 64 :]).startswith("<|vision_end|>Compare.")
 
 
 def test_raw_prompt(processor):
@@ -129,7 +129,7 @@ def test_raw_prompt(processor):
 
 def test_mrope_positions_follow_the_image_grid(processor):
     p = processor.process("Hi <image> there", [image_bytes("portrait_300x500.png")])
-    (start, n), = p.image_spans
+    (start, n), = p.visual_spans
     t, h, w = p.image_grid_thw[0].tolist()
     pos = p.mrope_positions[:, start : start + n]
     assert n == t * (h // 2) * (w // 2)

@@ -59,7 +59,7 @@ def assert_same(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert torch.equal(a, b), name
     assert got.mrope_delta == want.mrope_delta
-    assert [tuple(s) for s in got.image_spans] == [tuple(s) for s in want.image_spans]
+    assert [tuple(s) for s in got.visual_spans] == [tuple(s) for s in want.visual_spans]
 
 
 @pytest.mark.parametrize("length,visual,images", [(20, 0, 0), (10, 1, 1), (60, 37, 1), (230, 150, 3)],

@@ -97,7 +97,7 @@ class EncoderSettings(Settings):
     max_video_frames: int = 768  # frames sampled from one clip (the reference's own maximum)
     max_video_pixels: int = 8_294_400  # per frame, from the header: 3840x2160
     max_videos: int = 4
-    max_visual_tokens: int = 16384  # image and video tokens of one prompt, after resizing
+    max_visual_tokens: int = 32768  # image and video tokens of one prompt, after resizing
 
 
 @dataclass

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PROMPT_INPUTS = ("text_input", "image", "raw_prompt", "messages", "tools")
+PROMPT_INPUTS = ("text_input", "image", "video", "video_fps", "video_frames", "raw_prompt", "messages", "tools")
 SAMPLING_INPUTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "stop", "logprobs",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "response_format")
 MAX_LOGPROBS = 20  # most likely tokens per position a request may ask for, as OpenAI allows
@@ -35,7 +35,8 @@ _DTYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32
            "top_k": ("INT32", np.int32), "seed": ("UINT64", np.uint64), "raw_prompt": ("BOOL", np.bool_),
            "ignore_eos": ("BOOL", np.bool_), "stream": ("BOOL", np.bool_),
            "logprobs": ("INT32", np.int32), "presence_penalty": ("FP32", np.float32),
-           "frequency_penalty": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32)}
+           "frequency_penalty": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32),
+           "video_fps": ("FP32", np.float32), "video_frames": ("INT32", np.int32)}
 
 
 def coded_message(message: str, code: str) -> str:
@@ -79,14 +80,18 @@ def value_input(name: str, value):
     return tensor(name, np.array([[value]], dtype=np_type), datatype)
 
 
-def request_inputs(prompt: str | None, images: list[bytes], stream: bool | None, fields: dict) -> list:
+def request_inputs(prompt: str | None, images: list[bytes], stream: bool | None, fields: dict,
+                   videos: list[bytes] = ()) -> list:
     """The tensors of one language (or encoder) request; `fields` by input name (stop: strings,
-    messages, logit_bias and response_format: JSON text); `stream` None leaves it out."""
+    messages, logit_bias and response_format: JSON text; None: left out); `stream` None leaves it out."""
     inputs = [] if stream is None else [value_input("stream", stream)]
     if prompt is not None:
         inputs.append(bytes_input("text_input", [prompt.encode()]))
     if images:
         inputs.append(bytes_input("image", list(images)))
+    if videos:
+        inputs.append(bytes_input("video", list(videos)))
+    fields = {k: v for k, v in fields.items() if v is not None}
     for name, value in fields.items():
         if name == "stop":
             inputs.append(bytes_input("stop", [s.encode() for s in value]))

@@ -142,7 +142,7 @@ def tiny_config(dense: bool = False, overrides: dict | None = None, dtype: torch
 
 
 def write_config_files(out: Path, config) -> None:
-    """Everything of a checkpoint but its weights: config, generation config, tokenizer, image processor."""
+    """Everything of a checkpoint but its weights: config, generation config, tokenizer, image and video processors."""
     from transformers import GenerationConfig
 
     config.save_pretrained(out)
@@ -150,6 +150,7 @@ def write_config_files(out: Path, config) -> None:
                      do_sample=False).save_pretrained(out)
     write_tokenizer(out)
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
+    shutil.copyfile(Path(__file__).parent / "video_preprocessor_config.json", out / "video_preprocessor_config.json")
 
 
 def build_tiny(out_dir: str | os.PathLike, seed: int = 0, dense: bool = False, overrides: dict | None = None,

@@ -33,7 +33,8 @@ class EncoderCache:
         """Store copies of the rows (a slice would keep its whole batch's output alive)."""
         if len(key) != 32 or entry.nbytes > self.max_bytes:
             return
-        entry = CachedImage(entry.grid_thw.clone(), entry.size, entry.embeddings.clone(), entry.deepstack.clone())
+        entry = CachedImage(entry.grid_thw.clone(), entry.size, entry.embeddings.clone(), entry.deepstack.clone(),
+                            entry.timestamps)
         with self._lock:
             old = self._entries.pop(key, None)
             self.bytes -= old.nbytes if old else 0

@@ -17,6 +17,7 @@ from qwen3vl_epd.language.sampling import sampling_params
 from qwen3vl_epd.liveness import Progress
 from qwen3vl_epd.prompt.limits import Limits
 from qwen3vl_epd.prompt.processor import Processor
+from qwen3vl_epd.prompt.video_processing import VideoOptions
 from qwen3vl_epd.settings import EncoderSettings, Settings
 from qwen3vl_epd.transfer.buffers import BufferConfig, MultimodalDataBuffers
 from qwen3vl_epd.transfer.signing import HandleKeys
@@ -35,6 +36,8 @@ class EncodeJob:
     images: list[bytes] = field(default_factory=list)
     raw_prompt: bool = False
     sampling: dict = field(default_factory=dict)  # checked here so a bad request costs no image work
+    videos: list[bytes] = field(default_factory=list)
+    video_options: VideoOptions = field(default_factory=VideoOptions)
 
 
 def trim_heap() -> None:
@@ -103,10 +106,11 @@ class EncoderService:
         for i, r in enumerate(jobs):
             try:
                 check_request(r.text, r.sampling, s)
-                processed[i] = self.processor.process(r.text, r.images, r.raw_prompt, self.cache)
+                processed[i] = self.processor.process(r.text, r.images, r.raw_prompt, self.cache, r.videos,
+                                                      r.video_options)
             except EpdError as e:
                 results[i] = e
-        patches = sum(p.pixel_values.shape[0] for p in processed.values())  # of the images not cached
+        patches = sum(p.pixel_values.shape[0] + p.pixel_values_videos.shape[0] for p in processed.values())  # not cached
         self.progress.units = patches
         encoded = self.encoder.encode(list(processed.values()), self.cache)
         for i, prompt in zip(processed, encoded):

@@ -8,17 +8,7 @@ from qwen3vl_epd.checkpoint.architecture import architecture
 from qwen3vl_epd.checkpoint.reader import VISION_PREFIX, CheckpointReader, load_config, load_module
 from qwen3vl_epd.encoder.cache import EncoderCache
 from qwen3vl_epd.prompt.encoded import CachedImage, EncodedPrompt
-from qwen3vl_epd.prompt.processor import ProcessedPrompt
-
-
-def _cached(p: ProcessedPrompt) -> list:
-    """Per image of a prompt, its CachedImage or None."""
-    return p.cached or [None] * p.num_images
-
-
-def _key(p: ProcessedPrompt, n: int, i: int) -> object:
-    """The content key of image i of prompt n (the batch position when it has none)."""
-    return p.image_keys[i] if p.image_keys else (n, i)
+from qwen3vl_epd.prompt.processed import ProcessedPrompt, VisualItem
 
 
 class VisionEncoder:
@@ -38,7 +28,7 @@ class VisionEncoder:
             load_module(visual, CheckpointReader(checkpoint_dir), VISION_PREFIX, dtype, self.device)
         self.visual = visual.eval()
         self.merge_unit = vc.spatial_merge_size**2
-        self.images_encoded = 0  # images through the vision tower (cache hits and repeats are not)
+        self.images_encoded = 0  # images and clips through the vision tower (cache hits and repeats are not)
 
     @torch.inference_mode()
     def encode(self, prompts: list[ProcessedPrompt], cache: EncoderCache | None = None) -> list[EncodedPrompt]:
@@ -51,36 +41,33 @@ class VisionEncoder:
                     cache.put(key, entry)
         results = []
         for n, p in enumerate(prompts):
-            rows = [c or fresh[_key(p, n, i)] for i, c in enumerate(_cached(p))]
+            rows = [item.cached or fresh[item.key] for item in p.items(n)]
             embeds = torch.cat([self._empty(0), *(r.embeddings for r in rows)])
             deepstack = torch.cat([self._empty(0, self.num_deepstack), *(r.deepstack for r in rows)])
             results.append(p.encoded(embeds, deepstack))
         return results
 
     def _forward(self, prompts: list[ProcessedPrompt]) -> dict[object, CachedImage]:
-        """Key → encoder output of each distinct image that was not cached."""
-        todo: dict[object, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        """Key → encoder output of each distinct image or clip that was not cached. A clip is one
+        item of grid (T, H, W): the tower attends within each frame, so it packs with images."""
+        todo: dict[object, VisualItem] = {}
         for n, p in enumerate(prompts):
-            patch = 0
-            for i, c in enumerate(_cached(p)):
-                if c is not None:
-                    continue
-                grid = p.image_grid_thw[i]
-                count = int(grid.prod())
-                todo.setdefault(_key(p, n, i), (p.pixel_values[patch:patch + count], grid, p.image_sizes[i]))
-                patch += count
+            for item in p.items(n):
+                if item.cached is None:
+                    todo.setdefault(item.key, item)
         if not todo:
             return {}
-        pixels = torch.cat([t[0] for t in todo.values()]).to(self.device, self.dtype)
-        grid = torch.stack([t[1] for t in todo.values()]).to(self.device)
+        pixels = torch.cat([item.pixels for item in todo.values()]).to(self.device, self.dtype)
+        grid = torch.stack([item.grid_thw for item in todo.values()]).to(self.device)
         out = self.visual(pixels, grid_thw=grid, return_dict=True)
         deepstack = torch.cat(list(out.deepstack_features), dim=-1) if self.num_deepstack else None
         self.images_encoded += len(todo)
         fresh, row = {}, 0
-        for key, (_, g, size) in todo.items():
-            v = int(g.prod()) // self.merge_unit
+        for key, item in todo.items():
+            v = int(item.grid_thw.prod()) // self.merge_unit
             ds = deepstack[row:row + v] if deepstack is not None else self._empty(v, 0)
-            fresh[key] = CachedImage(g.cpu(), size, out.pooler_output[row:row + v], ds)
+            fresh[key] = CachedImage(item.grid_thw.cpu(), item.size, out.pooler_output[row:row + v], ds,
+                                     tuple(item.timestamps))
             row += v
         return fresh
 

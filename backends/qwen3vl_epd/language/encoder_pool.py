@@ -13,6 +13,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from qwen3vl_epd.errors import EpdError, InvalidInputError, UnavailableError
+from qwen3vl_epd.prompt.video_processing import VideoOptions
 from qwen3vl_epd.wire import error_code, request_inputs
 
 # UNAVAILABLE is what a dead or unreachable encoder gives, and what an encoder with full pools
@@ -51,8 +52,10 @@ class EncoderPool:
         self.retries = 0  # encodes sent again after their encoder became unreachable
         self._lock = threading.Lock()
 
-    def encode(self, text: str, images: list[bytes], raw_prompt: bool = False) -> bytes:
-        inputs = request_inputs(text, images, None, {"raw_prompt": raw_prompt})
+    def encode(self, text: str, images: list[bytes], raw_prompt: bool = False, videos: list[bytes] = (),
+               options: VideoOptions = VideoOptions()) -> bytes:
+        fields = {"raw_prompt": raw_prompt, "video_fps": options.fps, "video_frames": options.num_frames}
+        inputs = request_inputs(text, images, None, fields, videos)
         deadline = time.monotonic() + self.wait_s
         while True:
             self._wait_ready(deadline)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from qwen3vl_epd.errors import EpdError, HandleExpiredError, PeerError
 from qwen3vl_epd.language.sampling import SamplingParams
+from qwen3vl_epd.prompt.video_processing import VideoOptions
 
 # Encodes of one request, the first included: a pull that fails because its encoder died (before
 # any token was sent) is encoded again, by another encoder of the pool.
@@ -31,10 +32,12 @@ class Phase(enum.Enum):
 
 @dataclass
 class PromptInputs:
-    """The prompt fields of a request: text_input (None: missing), images, raw_prompt, messages."""
+    """The prompt fields of a request: text_input (None: missing), images, videos, raw_prompt, messages."""
 
     text: str | None
     images: list[bytes] = field(default_factory=list)
+    videos: list[bytes] = field(default_factory=list)
+    video_options: VideoOptions = field(default_factory=VideoOptions)
     raw_prompt: bool = False
     messages: str | None = None  # a conversation (JSON, OpenAI chat layout) instead of text_input
     tools: str | None = None  # OpenAI function tools (JSON) the chat template renders with messages

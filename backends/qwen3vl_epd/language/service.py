@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 class LanguageService:
     """Text model + Puller + the continuous-batching Engine. Text-only prompts are processed here
-    and never wait behind vision work; prompts with images go to the encoder pool (local or
+    and never wait behind vision work; prompts with images or videos go to the encoder pool (local or
     remote servers alike, over gRPC) and come back as handles."""
 
     def __init__(self, settings: LanguageSettings):
@@ -75,7 +75,7 @@ class LanguageService:
             return
         s, inputs = self.settings, self.templated(inputs)
         check_text(inputs.text)
-        if not inputs.images:
+        if not inputs.images and not inputs.videos:
             p = self.processor.process(inputs.text, [], inputs.raw_prompt)
             rows = self.buffers.embeddings[:0], self.buffers.deepstack[:0]
             self.engine.submit(LocalPrompt(p.encoded(*rows), s.chunk_tokens), request)
@@ -99,9 +99,9 @@ class LanguageService:
             return inputs
         if inputs.text is not None or inputs.raw_prompt:
             raise InvalidInputError("messages: send either messages or text_input (with raw_prompt), not both")
-        conversation = parse_messages(inputs.messages, inputs.images)
+        conversation = parse_messages(inputs.messages, inputs.images, inputs.videos)
         prompt = self.processor.apply_chat_template(conversation.turns, parse_tools(inputs.tools))
-        return PromptInputs(prompt, conversation.images, raw_prompt=True)
+        return PromptInputs(prompt, conversation.images, conversation.videos, inputs.video_options, raw_prompt=True)
 
     def _encode_later(self, request: LanguageRequest) -> None:
         request.phase, request.encodes = Phase.ENCODING, request.encodes + 1
@@ -116,7 +116,8 @@ class LanguageService:
                 request.send(Piece("", "cancelled", 0, 0))
                 return
             inputs = request.inputs
-            handle = self.encoders.encode(inputs.text, inputs.images, inputs.raw_prompt)
+            handle = self.encoders.encode(inputs.text, inputs.images, inputs.raw_prompt, inputs.videos,
+                                          inputs.video_options)
             request.phase = Phase.ENGINE
             self.engine.submit(handle, request)
         except EpdError as e:

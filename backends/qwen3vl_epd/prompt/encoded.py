@@ -13,12 +13,13 @@ from qwen3vl_epd.prompt.prefix import block_hashes
 
 @dataclass
 class CachedImage:
-    """One image's encoder output and what prompt processing needs of it without decoding it."""
+    """One image's (or clip's) encoder output and what prompt processing needs of it without decoding it."""
 
     grid_thw: torch.Tensor  # [3] int64
     size: tuple[int, int]  # (width, height) as decoded
     embeddings: torch.Tensor  # [V, H]
     deepstack: torch.Tensor  # [V, D*H]
+    timestamps: tuple[float, ...] = ()  # a clip's, per temporal patch (its prompt layout)
 
     @property
     def nbytes(self) -> int:
@@ -40,8 +41,8 @@ class EncodedPrompt:
     embeddings: torch.Tensor  # [V, H] model dtype, one row per visual token
     deepstack: torch.Tensor  # [V, D*H] model dtype, [ds_0 | ds_1 | ...] per visual token
     mrope_delta: int
-    image_spans: list[tuple[int, int]]  # (first token, number of tokens) of each image's pads
-    image_keys: list[bytes] = field(default_factory=list)  # content key of each image (prefix hashes)
+    visual_spans: list[tuple[int, int]]  # (first token, number of tokens) of each image's and video frame's pads
+    span_keys: list[bytes] = field(default_factory=list)  # content key of each span's image or clip (prefix hashes)
 
     @property
     def length(self) -> int:
@@ -53,23 +54,23 @@ class EncodedPrompt:
 
     def visual_rows_before(self, token: int) -> int:
         """How many visual rows belong to tokens [0, token)."""
-        return visual_rows_before(self.image_spans, token)
+        return visual_rows_before(self.visual_spans, token)
 
     def slice(self, start: int, end: int) -> EncodedPrompt:
         """Tokens [start, end) with exactly their own embedding and DeepStack rows."""
-        end, v0, v1 = chunk_rows(self.image_spans, self.length, start, end)
+        end, v0, v1 = chunk_rows(self.visual_spans, self.length, start, end)
         return EncodedPrompt(
             fill_ids=self.fill_ids[start:end],
             mrope_positions=self.mrope_positions[start:end],
             embeddings=self.embeddings[v0:v1],
             deepstack=self.deepstack[v0:v1],
             mrope_delta=self.mrope_delta,
-            image_spans=clip_spans(self.image_spans, start, end),
+            visual_spans=clip_spans(self.visual_spans, start, end),
         )
 
     def block_hashes(self) -> list[bytes]:
         """The prefix hash chain of the whole prompt (prefix.block_hashes)."""
-        return block_hashes(self.fill_ids.tolist(), self.image_spans, self.image_keys)
+        return block_hashes(self.fill_ids.tolist(), self.visual_spans, self.span_keys)
 
     def chunks(self, size: int | None = None) -> Iterator[EncodedPrompt]:
         """Consecutive slices of `size` tokens (the whole prompt when None)."""

@@ -1,11 +1,11 @@
 """The `messages` input: a conversation in the OpenAI chat layout → turns for the chat template
-plus the images in the order the template places them."""
+plus the images and videos in the order the template places them."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qwen3vl_epd.errors import InvalidInputError
 
@@ -14,32 +14,58 @@ ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system tur
 
 
 def is_remote_url(value) -> bool:
-    """An http(s) image URL: fetched only by the OpenAI server when enabled, never by the model."""
+    """An http(s) image or video URL: fetched only by the OpenAI server when enabled, never by the model."""
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
 @dataclass
 class Conversation:
-    """Turns whose image parts are all {"type": "image"}, and the images they stand for, in order."""
+    """Turns whose image and video parts are all {"type": "image"} / {"type": "video"}, and the
+    images and videos they stand for, each in order."""
 
     turns: list[dict]
     images: list[bytes]
+    videos: list[bytes] = field(default_factory=list)
 
 
-def parse_messages(text: str, images: Sequence[bytes] = ()) -> Conversation:
-    """JSON conversation + the request's `image` elements → Conversation; InvalidInputError naming
-    the turn and part when something is wrong. An image part is {"type": "image", "image": N} (an
-    element of `image`; without N: the next one in order), or carries a data: URL in "image" or
-    OpenAI's {"type": "image_url", "image_url": {"url": ...}}."""
+class _Media:
+    """One kind of media part (image or video): the request's elements and those the parts pick."""
+
+    def __init__(self, kind: str, sent: Sequence[bytes]):
+        self.kind, self.sent, self.picked, self.used, self.implicit = kind, sent, [], set(), 0
+
+    def pick(self, part: dict, at: str) -> None:
+        ref = _media_ref(part, self.kind, at)
+        if ref is None:
+            ref, self.implicit = self.implicit, self.implicit + 1
+        if isinstance(ref, int):
+            if not 0 <= ref < len(self.sent):
+                raise InvalidInputError(f"{at}: {self.kind} index {ref} is out of range ({len(self.sent)} "
+                                        f"{self.kind}s sent)")
+            self.used.add(ref)
+            ref = self.sent[ref]
+        self.picked.append(ref)
+
+    def check_used(self) -> None:
+        if len(self.used) != len(self.sent):
+            unused = sorted(set(range(len(self.sent))) - self.used)
+            raise InvalidInputError(f"{self.kind}: elements {unused} of {len(self.sent)} are not used by any "
+                                    "messages part")
+
+
+def parse_messages(text: str, images: Sequence[bytes] = (), videos: Sequence[bytes] = ()) -> Conversation:
+    """JSON conversation + the request's `image` and `video` elements → Conversation;
+    InvalidInputError naming the turn and part when something is wrong. An image part is {"type":
+    "image", "image": N} (an element of `image`; without N: the next one in order), or carries a
+    data: URL in "image" or OpenAI's {"type": "image_url", "image_url": {"url": ...}}; video parts
+    are the same with "video" and "video_url"."""
     try:
         messages = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidInputError(f"messages: not valid JSON: {e}") from None
     if not isinstance(messages, list) or not messages:
         raise InvalidInputError("messages: must be a non-empty JSON array of turns")
-    picked: list[bytes] = []
-    used: set[int] = set()
-    implicit = 0
+    media = {"image": _Media("image", images), "video": _Media("video", videos)}
     turns = []
     for t, turn in enumerate(messages):
         where = f"messages: turn {t}"
@@ -67,26 +93,18 @@ def parse_messages(text: str, images: Sequence[bytes] = ()) -> Conversation:
                     raise InvalidInputError(f"{at}: a text part needs a string 'text'")
                 parts.append({"type": "text", "text": part["text"]})
                 continue
-            if kind not in ("image", "image_url"):
-                raise InvalidInputError(f"{at}: unsupported part type {kind!r} (text, image, image_url)")
-            ref = _image_ref(part, at)
-            if ref is None:
-                ref, implicit = implicit, implicit + 1
-            if isinstance(ref, int):
-                if not 0 <= ref < len(images):
-                    raise InvalidInputError(f"{at}: image index {ref} is out of range ({len(images)} images sent)")
-                used.add(ref)
-                picked.append(images[ref])
-            else:
-                picked.append(ref)
-            parts.append({"type": "image"})
+            medium = kind.removesuffix("_url") if isinstance(kind, str) else None
+            if medium not in media:
+                raise InvalidInputError(f"{at}: unsupported part type {kind!r} (text, image, image_url, video, "
+                                        "video_url)")
+            media[medium].pick(part, at)
+            parts.append({"type": medium})
         if role == "tool" and any(part["type"] != "text" for part in parts):
             raise InvalidInputError(f"{where} (tool): a tool result is text")
         turns.append({"role": role, "content": parts, **extra})
-    if len(used) != len(images):
-        unused = sorted(set(range(len(images))) - used)
-        raise InvalidInputError(f"image: elements {unused} of {len(images)} are not used by any messages part")
-    return Conversation(turns, picked)
+    for m in media.values():
+        m.check_used()
+    return Conversation(turns, media["image"].picked, media["video"].picked)
 
 
 def _tool_calls(calls, where: str) -> list[dict]:
@@ -118,19 +136,19 @@ def parse_tools(text: str | None) -> list[dict] | None:
     return tools
 
 
-def _image_ref(part: dict, at: str) -> int | bytes | None:
-    """An image part's reference: an index into `image`, data: URL bytes, or None (the next one)."""
-    value = part.get("image")
-    if part["type"] == "image_url":
-        value = part.get("image_url")
+def _media_ref(part: dict, kind: str, at: str) -> int | bytes | None:
+    """A media part's reference: an index into `image` / `video`, data: URL bytes, or None (the next one)."""
+    value = part.get(kind)
+    if part["type"] == f"{kind}_url":
+        value = part.get(f"{kind}_url")
         value = value.get("url") if isinstance(value, dict) else value
         if not isinstance(value, str):
-            raise InvalidInputError(f"{at}: an image_url part needs image_url.url")
+            raise InvalidInputError(f"{at}: a {kind}_url part needs {kind}_url.url")
     if value is None or isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.startswith("data:"):
         return value.encode()
     if is_remote_url(value):
-        raise InvalidInputError(f"{at}: remote image URLs are not fetched by the model; send the image "
-                                "bytes in `image` or a data: URL (the OpenAI server can fetch them when enabled)")
-    raise InvalidInputError(f"{at}: an image is an index into `image` or a data: URL")
+        raise InvalidInputError(f"{at}: remote {kind} URLs are not fetched by the model; send the {kind} "
+                                f"bytes in `{kind}` or a data: URL (the OpenAI server can fetch them when enabled)")
+    raise InvalidInputError(f"{at}: {'an' if kind == 'image' else 'a'} {kind} is an index into `{kind}` or a data: URL")

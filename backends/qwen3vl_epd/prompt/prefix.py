@@ -12,10 +12,10 @@ from collections.abc import Sequence
 HASH_TOKENS = 16  # tokens per hashed block; the KV block size must be a multiple of it
 
 
-def block_hashes(fill_ids: Sequence[int], image_spans: Sequence[Sequence[int]], image_keys: Sequence[bytes]) -> list[bytes]:
+def block_hashes(fill_ids: Sequence[int], visual_spans: Sequence[Sequence[int]], span_keys: Sequence[bytes]) -> list[bytes]:
     """One digest per full block of HASH_TOKENS tokens, each chained on the one before. Without an
     image's content key (a prompt with images but no keys) nothing is hashed: no key, no reuse."""
-    if len(image_keys) != len(image_spans):
+    if len(span_keys) != len(visual_spans):
         return []
     ids = [int(t) for t in fill_ids]
     out, digest = [], b"epd-prefix-v1"
@@ -23,7 +23,7 @@ def block_hashes(fill_ids: Sequence[int], image_spans: Sequence[Sequence[int]], 
         end = start + HASH_TOKENS
         h = hashlib.sha256(digest)
         h.update(struct.pack(f"<{HASH_TOKENS}q", *ids[start:end]))
-        for (first, n), key in zip(image_spans, image_keys):
+        for (first, n), key in zip(visual_spans, span_keys):
             if first < end and first + n > start:  # this image's pads reach into the block
                 h.update(key)
         digest = h.digest()

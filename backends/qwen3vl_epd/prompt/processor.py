@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -16,43 +15,21 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from qwen3vl_epd.checkpoint.architecture import architecture
 from qwen3vl_epd.checkpoint.reader import load_config
 from qwen3vl_epd.errors import ImageTooLargeError, InvalidInputError, PromptTooLongError, TooManyImagesError
-from qwen3vl_epd.prompt.encoded import CachedImage, EncodedPrompt, ImageLookup
+from qwen3vl_epd.prompt.encoded import CachedImage, ImageLookup
 from qwen3vl_epd.prompt.images import decode_raw, image_data
+from qwen3vl_epd.prompt.layout import VIDEO_PLACEHOLDER, VISION_PLACEHOLDER, Layout, expand_videos
 from qwen3vl_epd.prompt.limits import Limits
+from qwen3vl_epd.prompt.processed import ProcessedPrompt
+from qwen3vl_epd.prompt.video_processing import ProcessedVideo, VideoOptions, VideoProcessor
+from qwen3vl_epd.prompt.videos import video_data
 
-IMAGE_MARKER = "<image>"
-VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-@dataclass
-class ProcessedPrompt:
-    """A prompt ready for the vision tower: pads expanded, patches cut, M-RoPE computed."""
-
-    fill_ids: torch.Tensor  # [L] int64, image pads expanded
-    pixel_values: torch.Tensor  # [sum of patches, C*T*P*P] float32
-    image_grid_thw: torch.Tensor  # [n_images, 3] int64
-    mrope_positions: torch.Tensor  # [3, L] int64
-    mrope_delta: int
-    image_spans: list = field(default_factory=list)  # (first token, number of pads) per image
-    image_sizes: list = field(default_factory=list)  # (width, height) as decoded, per image
-    image_keys: list = field(default_factory=list)  # content key per image (Processor.image_key), or none
-    cached: list = field(default_factory=list)  # per image: its CachedImage (no patches cut), or None
-
-    @property
-    def num_images(self) -> int:
-        return int(self.image_grid_thw.shape[0])
-
-    def encoded(self, embeddings: torch.Tensor, deepstack: torch.Tensor) -> EncodedPrompt:
-        """This prompt with its visual rows (none for text only), in the staged layout."""
-        return EncodedPrompt(
-            fill_ids=self.fill_ids.to(torch.int32), mrope_positions=self.mrope_positions.T.contiguous().to(torch.int32),
-            embeddings=embeddings, deepstack=deepstack, mrope_delta=self.mrope_delta, image_spans=self.image_spans,
-            image_keys=list(self.image_keys),
-        )
+IMAGE_MARKER, VIDEO_MARKER = "<image>", "<video>"
+_MARKERS = re.compile("(<image>|<video>)")
+__all__ = ["IMAGE_MARKER", "VIDEO_MARKER", "VISION_PLACEHOLDER", "VIDEO_PLACEHOLDER", "Processor"]
 
 
 class Processor:
-    """Turns a user message (text plus raw image bytes) into a ProcessedPrompt."""
+    """Turns a user message (text plus raw image and video bytes) into a ProcessedPrompt."""
 
     def __init__(self, checkpoint_dir: str | Path, limits: Limits | None = None):
         self.limits = limits or Limits()
@@ -62,41 +39,34 @@ class Processor:
         pp = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
         pp.pop("image_processor_type", None)
         self.image_processor = Qwen2VLImageProcessorPil(**pp)
+        self.video_processor = VideoProcessor(checkpoint_dir)
         # Everything that shapes an image's patches besides its bytes: part of its cache key.
         self.fingerprint = hashlib.sha256(json.dumps(pp, sort_keys=True).encode()).digest()
         self.merge_size = self.image_processor.merge_size
         self.image_token_id = self.config.image_token_id
-        # get_rope_index only needs the config and get_vision_position_ids (which ignores self);
-        # this lets us call transformers' own M-RoPE code without building the model.
-        self._rope_owner = SimpleNamespace(
-            config=self.config,
-            get_vision_position_ids=lambda *a, **k: self.architecture.model.get_vision_position_ids(None, *a, **k),
-        )
+        self.layout = Layout(self.config, self.architecture)
 
-    def build_prompt(self, text: str, num_images: int, raw_prompt: bool = False) -> str:
-        """The templated prompt: `<image>` markers or leading images become vision placeholders."""
+    def build_prompt(self, text: str, num_images: int, raw_prompt: bool = False, num_videos: int = 0) -> str:
+        """The templated prompt: `<image>` / `<video>` markers, or leading images and videos, become
+        vision placeholders."""
         if raw_prompt:
-            found = text.count(VISION_PLACEHOLDER)
-            if found != num_images:
-                raise InvalidInputError(
-                    f"text_input: raw prompt has {found} '{VISION_PLACEHOLDER}' placeholders but "
-                    f"{num_images} images were sent"
-                )
+            for placeholder, sent, kind in ((VISION_PLACEHOLDER, num_images, "images"),
+                                            (VIDEO_PLACEHOLDER, num_videos, "videos")):
+                if text.count(placeholder) != sent:
+                    raise InvalidInputError(f"text_input: raw prompt has {text.count(placeholder)} '{placeholder}' "
+                                            f"placeholders but {sent} {kind} were sent")
             return text
-        markers = text.count(IMAGE_MARKER)
-        if markers and markers != num_images:
-            raise InvalidInputError(
-                f"text_input: {markers} '{IMAGE_MARKER}' markers but {num_images} images were sent; they must match"
-            )
-        if markers:
-            content = []
-            for i, part in enumerate(text.split(IMAGE_MARKER)):
-                if i:
-                    content.append({"type": "image"})
-                if part:
-                    content.append({"type": "text", "text": part})
+        markers = text.count(IMAGE_MARKER), text.count(VIDEO_MARKER)
+        for marker, found, sent, kind in zip((IMAGE_MARKER, VIDEO_MARKER), markers, (num_images, num_videos),
+                                             ("images", "videos")):
+            if any(markers) and found != sent:
+                raise InvalidInputError(f"text_input: {found} '{marker}' markers but {sent} {kind} were sent; "
+                                        "they must match")
+        if any(markers):
+            content = [{"type": part[1:-1]} if part in (IMAGE_MARKER, VIDEO_MARKER) else {"type": "text", "text": part}
+                       for part in _MARKERS.split(text) if part]
         else:
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
+            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
         return self.apply_chat_template([{"role": "user", "content": content}])
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:
@@ -108,68 +78,91 @@ class Processor:
         return hashlib.sha256(self.fingerprint + data).digest()
 
     def process(self, text: str, images: list[bytes] = (), raw_prompt: bool = False,
-                cache: ImageLookup | None = None) -> ProcessedPrompt:
-        """The semantics of `text_input` + `image` + `raw_prompt` (README: Interface); an image found in `cache`
-        is neither decoded nor cut into patches."""
-        if len(images) > self.limits.max_images:
-            raise TooManyImagesError(
-                f"image: {len(images)} images is over the limit of {self.limits.max_images} per prompt"
-            )
-        prompt = self.build_prompt(text, len(images), raw_prompt)
-        data = [image_data(d, i, self.limits) for i, d in enumerate(images)]
+                cache: ImageLookup | None = None, videos: list[bytes] = (),
+                video_options: VideoOptions = VideoOptions()) -> ProcessedPrompt:
+        """The semantics of `text_input` + `image` + `video` + `raw_prompt` (README: Interface); an
+        image or clip found in `cache` is neither decoded nor cut into patches."""
+        lim = self.limits
+        if len(images) > lim.max_images:
+            raise TooManyImagesError(f"image: {len(images)} images is over the limit of {lim.max_images} per prompt")
+        if len(videos) > lim.max_videos:
+            raise TooManyImagesError(f"video: {len(videos)} videos is over the limit of {lim.max_videos} per prompt "
+                                     "(max_videos)")
+        options = video_options.check(lim)
+        prompt = self.build_prompt(text, len(images), raw_prompt, len(videos))
+        data = [image_data(d, i, lim) for i, d in enumerate(images)]
         keys = [self.image_key(d) for d in data]
         found = [cache.get(k) if cache is not None else None for k in keys]
-        decoded = [c or decode_raw(d, i, self.limits) for i, (d, c) in enumerate(zip(data, found))]
-        return self.process_prompt(prompt, decoded, keys)
+        decoded = [c or decode_raw(d, i, lim) for i, (d, c) in enumerate(zip(data, found))]
+        clips = [video_data(d, i, lim) for i, d in enumerate(videos)]
+        video_keys = [self.video_processor.key(d, options) for d in clips]
+        hits = [cache.get(k) if cache is not None else None for k in video_keys]
+        return self.process_prompt(prompt, decoded, keys, self._videos(clips, hits, decoded, options), video_keys)
 
-    def process_prompt(self, prompt: str, images: list, keys: list[bytes] = ()) -> ProcessedPrompt:
-        """A templated prompt with one vision placeholder per image (decoded, or a CachedImage)
-        → ProcessedPrompt; patches only for the decoded ones."""
+    def _videos(self, clips: list[bytes], hits: list, images: list, options: VideoOptions) -> list:
+        """Each clip's CachedImage, else its ProcessedVideo, within what the images leave of the token limit."""
+        lim = self.limits
+        left = min(lim.max_visual_tokens, lim.max_prompt_tokens)
+        left -= sum(int(i.grid_thw.prod()) if isinstance(i, CachedImage) else self._image_tokens(i) for i in images
+                    ) // self.merge_size**2
+        out = []
+        for i, (data, hit) in enumerate(zip(clips, hits)):
+            video = hit or self.video_processor.process(data, i, options, lim, left)
+            left -= int(video.grid_thw.prod()) // self.merge_size**2
+            out.append(video)
+        return out
+
+    def process_prompt(self, prompt: str, images: list, keys: list[bytes] = (), videos: list = (),
+                       video_keys: list[bytes] = ()) -> ProcessedPrompt:
+        """A templated prompt with one placeholder per image and video (decoded or processed, or a
+        CachedImage) → ProcessedPrompt; patches only for those not cached."""
         pixel_values = [torch.zeros(0, self._patch_dim(), dtype=torch.float32)]
         grids, sizes = [torch.zeros(0, 3, dtype=torch.int64)], []
         for i, image in enumerate(images):
             if isinstance(image, CachedImage):
                 grids.append(image.grid_thw[None])
-                sizes.append(image.size)
             else:
                 pv, grid = self._patch(image, i)
                 pixel_values.append(pv)
                 grids.append(grid)
-                sizes.append(image.size)
+            sizes.append(image.size)
+        video_pixels = [torch.zeros(0, self._patch_dim(), dtype=torch.float32)]
+        video_pixels += [v.pixel_values for v in videos if isinstance(v, ProcessedVideo)]
+        video_grids = torch.stack([v.grid_thw for v in videos]) if videos else torch.zeros(0, 3, dtype=torch.int64)
+        prompt = expand_videos(prompt, [list(v.timestamps) for v in videos])
         grid_thw = torch.cat(grids)
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        fill_ids, spans = self._expand_pads(ids, grid_thw)
+        fill_ids, spans, order = self.layout.expand(ids, grid_thw, video_grids)
+        visual = sum(n for _, n in spans)
+        if visual > self.limits.max_visual_tokens:
+            raise InvalidInputError(f"image, video: {visual} visual tokens is over the limit of "
+                                    f"{self.limits.max_visual_tokens} per prompt (max_visual_tokens)")
         if fill_ids.numel() > self.limits.max_prompt_tokens:
             raise PromptTooLongError(
-                f"text_input: prompt is {fill_ids.numel()} tokens after image expansion, over the "
+                f"text_input: prompt is {fill_ids.numel()} tokens after image and video expansion, over the "
                 f"max model length of {self.limits.max_prompt_tokens}"
             )
-        positions, delta = self.rope_index(fill_ids, grid_thw)
+        positions, delta = self.layout.rope_index(fill_ids, grid_thw, video_grids)
         return ProcessedPrompt(
-            fill_ids=fill_ids,
-            pixel_values=torch.cat(pixel_values),
-            image_grid_thw=grid_thw,
-            mrope_positions=positions,
-            mrope_delta=delta,
-            image_spans=spans,
-            image_sizes=sizes,
-            image_keys=list(keys),
-            cached=[image if isinstance(image, CachedImage) else None for image in images],
+            fill_ids=fill_ids, pixel_values=torch.cat(pixel_values), image_grid_thw=grid_thw,
+            mrope_positions=positions, mrope_delta=delta, visual_spans=spans, image_sizes=sizes,
+            image_keys=list(keys), cached=[image if isinstance(image, CachedImage) else None for image in images],
+            pixel_values_videos=torch.cat(video_pixels), video_grid_thw=video_grids, video_keys=list(video_keys),
+            video_cached=[v if isinstance(v, CachedImage) else None for v in videos],
+            video_sizes=[v.size for v in videos], video_timestamps=[list(v.timestamps) for v in videos],
+            visual_order=order,
         )
-
-    def rope_index(self, fill_ids: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """M-RoPE positions [3, L] and delta, by transformers' get_rope_index."""
-        if grid_thw.shape[0] == 0:
-            L = fill_ids.numel()
-            return torch.arange(L, dtype=torch.int64).expand(3, L).clone(), 0
-        ids = fill_ids[None]
-        mm_types = (ids == self.image_token_id).to(torch.int32)
-        pos, delta = self.architecture.model.get_rope_index(self._rope_owner, ids, mm_types, image_grid_thw=grid_thw)
-        return pos[:, 0].to(torch.int64), int(delta.item())
 
     def _patch_dim(self) -> int:
         ip = self.image_processor
         return 3 * ip.temporal_patch_size * ip.patch_size * ip.patch_size
+
+    def _image_tokens(self, image: Image.Image) -> int:
+        """Patches an image will have (its visual tokens times merge_size squared)."""
+        try:
+            return self.image_processor.get_number_of_image_patches(image.size[1], image.size[0], {})
+        except ValueError:
+            return 0  # its aspect ratio is refused by _patch, with the message
 
     def _patch(self, image: Image.Image, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's patches [n, C*T*P*P] float32 and grid [1, 3]."""
@@ -181,20 +174,3 @@ class Processor:
                 f"limit (200): {e}"
             ) from None
         return out["pixel_values"].to(torch.float32), out["image_grid_thw"].to(torch.int64)
-
-    def _expand_pads(self, ids: list[int], grid_thw: torch.Tensor) -> tuple[torch.Tensor, list]:
-        tokens_per_image = (grid_thw.prod(-1) // (self.merge_size**2)).tolist()
-        found = ids.count(self.image_token_id)
-        if found != len(tokens_per_image):
-            raise InvalidInputError(
-                f"text_input: {found} image placeholders in the prompt but {len(tokens_per_image)} images"
-            )
-        out, spans = [], []
-        for t in ids:
-            if t == self.image_token_id:
-                n = tokens_per_image[len(spans)]
-                spans.append((len(out), n))
-                out.extend([t] * n)
-            else:
-                out.append(t)
-        return torch.tensor(out, dtype=torch.int64), spans

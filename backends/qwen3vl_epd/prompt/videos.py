@@ -66,14 +66,15 @@ def probe_video(data: bytes, index: int, limits: Limits) -> VideoInfo:
     report 0 frames: the packets are counted); VideoError for a limit or a clip we cannot time."""
     container, stream = _open(data, index)
     with container:
+        stated = (container.duration or 0) / av.time_base  # containers without a frame count still state this
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise VideoError(index, f"cannot decode video: the stream has no frame size ({width}x{height})")
         if width * height > limits.max_video_pixels:
             raise VideoError(index, f"{width}x{height} = {width * height} pixels per frame is over the limit of "
                                     f"{limits.max_video_pixels} (max_video_pixels)")
-        if container.duration and container.duration / av.time_base > limits.max_video_seconds:
-            raise VideoError(index, f"{container.duration / av.time_base:.1f} s is over the limit of "
+        if stated > limits.max_video_seconds:
+            raise VideoError(index, f"{stated:.1f} s is over the limit of "
                                     f"{limits.max_video_seconds:g} s (max_video_seconds)")
         try:
             pts = sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
@@ -92,6 +93,9 @@ def probe_video(data: bytes, index: int, limits: Limits) -> VideoInfo:
                                 "(re-encode at a constant rate)")
     fps = float(stream.average_rate) if stream.average_rate else 1 / float(step * stream.time_base)
     info = VideoInfo(len(pts), fps, width, height)
+    if stated > info.seconds + 1.5 / fps + 0.05:
+        raise VideoError(index, f"cannot decode video: truncated, the header says {stated:.2f} s but the frames "
+                                f"there last {info.seconds:.2f} s")
     if info.seconds > limits.max_video_seconds:
         raise VideoError(index, f"{info.seconds:.1f} s is over the limit of {limits.max_video_seconds:g} s "
                                 "(max_video_seconds)")

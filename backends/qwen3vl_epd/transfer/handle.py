@@ -16,7 +16,7 @@ from qwen3vl_epd.transfer.blocks import blocks_for
 from qwen3vl_epd.transfer.buffers import AUX_WIDTH
 from qwen3vl_epd.transfer.signing import HandleKeys
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = 0x45504400  # "EPD\0"; the low byte carries the version
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CODES = {name: i + 1 for i, name in enumerate(DTYPES)}
@@ -49,7 +49,7 @@ class Handle:
     token_blocks: list[int]
     visual_blocks: list[int]
     mrope_delta: int
-    image_spans: list[list[int]]
+    visual_spans: list[list[int]]
     addresses: dict[str, int]  # base address of each remote buffer
     expires_ms: int  # unix time after which no reader may open it (the encoder's handle_ttl_s)
     prefix_hashes: str = ""  # base64 of the prompt's prefix hash chain (prefix.block_hashes)
@@ -115,7 +115,7 @@ class Handle:
             problems.append(f"{len(self.token_blocks)} token blocks for {self.length} tokens")
         elif len(self.visual_blocks) != blocks_for(self.num_visual, self.block_visual):
             problems.append(f"{len(self.visual_blocks)} visual blocks for {self.num_visual} visual rows")
-        elif sum(n for _, n in self.image_spans) != self.num_visual:
+        elif sum(n for _, n in self.visual_spans) != self.num_visual:
             problems.append("image spans do not add up to the visual rows")
         try:
             hashed = len(base64.b64decode(self.prefix_hashes, validate=True))
@@ -145,7 +145,7 @@ def aux_row(h: Handle) -> list[int]:
     row = [0] * AUX_WIDTH
     row[MAGIC_VERSION], row[NONCE], row[GENERATION] = MAGIC | PROTOCOL_VERSION, h.nonce, h.generation
     row[LENGTH], row[VISUAL], row[DEEPSTACK], row[HIDDEN] = h.length, h.num_visual, h.num_deepstack, h.hidden_size
-    row[DTYPE], row[DELTA], row[IMAGES], row[SLOT] = DTYPE_CODES[h.dtype], h.mrope_delta, len(h.image_spans), h.slot
+    row[DTYPE], row[DELTA], row[IMAGES], row[SLOT] = DTYPE_CODES[h.dtype], h.mrope_delta, len(h.visual_spans), h.slot
     return row
 
 

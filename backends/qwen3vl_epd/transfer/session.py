@@ -83,7 +83,7 @@ class PullSession:
             self._start("first contact", self._first_contact)
             return None
         h = self.handle
-        end, v0, v1 = chunk_rows(h.image_spans, h.length, start, end)
+        end, v0, v1 = chunk_rows(h.visual_spans, h.length, start, end)
         self.release_chunk()
         b = self.buffers
         if wait_for_blocks:
@@ -115,7 +115,7 @@ class PullSession:
         fill, mrope, emb, ds = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
         return EncodedPrompt(
             fill_ids=fill, mrope_positions=mrope, embeddings=emb, deepstack=ds,
-            mrope_delta=self.handle.mrope_delta, image_spans=[tuple(s) for s in self.handle.image_spans],
+            mrope_delta=self.handle.mrope_delta, visual_spans=[tuple(s) for s in self.handle.visual_spans],
         )
 
     def release_chunk(self) -> None:
@@ -230,11 +230,11 @@ class PullSession:
 
     def _gather(self, start: int, end: int) -> EncodedPrompt:
         h = self.handle
-        end, v0, v1 = chunk_rows(h.image_spans, h.length, start, end)
+        end, v0, v1 = chunk_rows(h.visual_spans, h.length, start, end)
         fill, mrope, emb, ds = self.buffers.gather(*self._held, end - start, v1 - v0)
         return EncodedPrompt(
             fill_ids=fill, mrope_positions=mrope, embeddings=emb, deepstack=ds, mrope_delta=h.mrope_delta,
-            image_spans=clip_spans(h.image_spans, start, end),
+            visual_spans=clip_spans(h.visual_spans, start, end),
         )
 
     def _check_aux(self, aux: list[int]) -> None:

@@ -59,7 +59,7 @@ class Stager:
                 length=prompt.length, num_visual=prompt.num_visual, num_deepstack=b.num_deepstack,
                 hidden_size=b.hidden_size, dtype=dtype_name(b.dtype), block_tokens=b.config.block_tokens,
                 block_visual=b.config.block_visual, token_blocks=tok, visual_blocks=vis,
-                mrope_delta=prompt.mrope_delta, image_spans=[list(s) for s in prompt.image_spans],
+                mrope_delta=prompt.mrope_delta, visual_spans=[list(s) for s in prompt.visual_spans],
                 addresses={k: t.data_ptr() for k, t in b.regions().items()},
                 expires_ms=int((time.time() + self.handle_ttl_s) * 1000),
                 prefix_hashes=base64.b64encode(b"".join(prompt.block_hashes())).decode(),

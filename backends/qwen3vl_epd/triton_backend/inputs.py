@@ -7,6 +7,7 @@ import numpy as np
 
 from qwen3vl_epd.errors import InvalidInputError
 from qwen3vl_epd.language.request import PromptInputs
+from qwen3vl_epd.prompt.video_processing import VideoOptions
 from qwen3vl_epd.wire import SAMPLING_INPUTS
 
 
@@ -42,7 +43,13 @@ def text_field(get, name: str) -> str | None:
         raise InvalidInputError(f"{name}: not valid UTF-8") from None
 
 
+def video_options(get) -> VideoOptions:
+    """The request's frame sampling (video_fps or video_frames)."""
+    return VideoOptions(fps=first(get("video_fps")), num_frames=first(get("video_frames")))
+
+
 def prompt_inputs(get) -> PromptInputs:
     """The prompt fields of a request; InvalidInputError for text that is not UTF-8."""
-    return PromptInputs(text_field(get, "text_input"), byte_items(get("image")), bool(first(get("raw_prompt")) or False),
-                        text_field(get, "messages"), text_field(get, "tools"))
+    return PromptInputs(text_field(get, "text_input"), byte_items(get("image")), byte_items(get("video")),
+                        video_options(get), bool(first(get("raw_prompt")) or False), text_field(get, "messages"),
+                        text_field(get, "tools"))

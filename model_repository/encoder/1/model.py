@@ -6,7 +6,7 @@ from qwen3vl_epd.liveness import Heartbeat
 from qwen3vl_epd.settings import EncoderSettings
 from qwen3vl_epd.triton_backend import adapter as ta
 from qwen3vl_epd.triton_backend import metrics as m
-from qwen3vl_epd.triton_backend.inputs import byte_items, first, sampling_fields, text_field
+from qwen3vl_epd.triton_backend.inputs import byte_items, first, sampling_fields, text_field, video_options
 
 
 class TritonPythonModel:
@@ -33,7 +33,8 @@ class TritonPythonModel:
             get = lambda name, r=request: ta.read(r, name)  # noqa: E731
             try:
                 job = EncodeJob(text_field(get, "text_input"), byte_items(get("image")),
-                                bool(first(get("raw_prompt")) or False), sampling_fields(get))
+                                bool(first(get("raw_prompt")) or False), sampling_fields(get), byte_items(get("video")),
+                                video_options(get))
                 parsed.append((i, job))
             except EpdError as e:
                 responses[i] = ta.exception_response(e)
