@@ -34,17 +34,18 @@ def data_url(image: bytes) -> str:
 
 
 def generate(url: str, prompt: str | None, images: list[bytes] = (), protocol: str = "grpc", stream: bool = False,
-             model: str = "language", timeout: float = 300.0, **sampling) -> Iterator[Response]:
-    """Send one request; yields responses as they arrive. `sampling`: max_tokens, temperature,
-    top_p, top_k, seed, stop, raw_prompt, ignore_eos, logprobs (Response.logprobs), and `messages` (a conversation in the OpenAI
-    chat layout, list or JSON text) in place of `prompt` (None then)."""
+             model: str = "language", timeout: float = 300.0, videos: list[bytes] = (), **sampling) -> Iterator[Response]:
+    """Send one request; yields responses as they arrive. `videos`: container bytes (MP4, WebM, MKV
+    ...); `sampling`: max_tokens, temperature, top_p, top_k, seed, stop, raw_prompt, ignore_eos,
+    logprobs (Response.logprobs), video_fps or video_frames, and `messages` (a conversation in the
+    OpenAI chat layout, list or JSON text) in place of `prompt` (None then)."""
     fields = {k: v for k, v in sampling.items() if v is not None}
     if not isinstance(fields.get("messages", ""), str):
         fields["messages"] = json.dumps(fields["messages"])
     if protocol == "grpc":
-        yield from _grpc(url, model, prompt, list(images), stream, fields, timeout)
+        yield from _grpc(url, model, prompt, list(images), stream, fields, timeout, list(videos))
     elif protocol == "http":
-        yield from _http(url, model, prompt, list(images), stream, fields, timeout)
+        yield from _http(url, model, prompt, list(images), stream, fields, timeout, list(videos))
     else:
         raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
 
@@ -70,7 +71,7 @@ def _grpc_client(url: str):
     return clients[url]
 
 
-def _grpc(url, model, prompt, images, stream, fields, timeout):
+def _grpc(url, model, prompt, images, stream, fields, timeout, videos):
     from tritonclient.utils import InferenceServerException
 
     results: queue.Queue = queue.Queue()
@@ -78,7 +79,8 @@ def _grpc(url, model, prompt, images, stream, fields, timeout):
     client.start_stream(callback=lambda result, error: results.put((result, error)))
     try:
         try:
-            client.async_stream_infer(model, request_inputs(prompt, images, stream, fields), request_id=uuid.uuid4().hex)
+            client.async_stream_infer(model, request_inputs(prompt, images, stream, fields, videos),
+                                     request_id=uuid.uuid4().hex)
         except InferenceServerException as e:  # the stream broke at once (server gone): its cause, if known
             try:
                 _, error = results.get(timeout=1)
@@ -108,10 +110,12 @@ def _stream_error(model: str, error, default_status: str | None = None) -> Reque
     return RequestError(status, message)
 
 
-def _http(url, model, prompt, images, stream, fields, timeout):
+def _http(url, model, prompt, images, stream, fields, timeout, videos):
     body = {"stream": stream, **fields, **({} if prompt is None else {"text_input": prompt})}
     if images:
         body["image"] = [data_url(i) for i in images]
+    if videos:
+        body["video"] = [f"data:video;base64,{base64.b64encode(v).decode()}" for v in videos]
     endpoint = "generate_stream" if stream else "generate"
     base = url if url.startswith("http") else f"http://{url}"
     request = urllib.request.Request(f"{base}/v2/models/{model}/{endpoint}", data=json.dumps(body).encode(),

@@ -125,6 +125,18 @@ class TritonServer:
                 out[key[len(name):]] = float(value)
         return out
 
+    def assert_pools_empty(self, timeout: float = 5.0) -> None:
+        """Both sides' pools and the KV cache back to 0 in use (released slots are reclaimed within ms)."""
+        time.sleep(0.2)  # gauges are reported every 0.1 s: none is read stale
+        deadline = time.monotonic() + timeout
+        while True:
+            values = self.metric_values("epd_buffer_blocks_in_use")
+            assert len(values) == 7, values
+            if all(v == 0 for v in values.values()):
+                return
+            assert time.monotonic() < deadline, values
+            time.sleep(0.05)
+
     def send_handle(self, handle: bytes, max_tokens: int = 2) -> str:
         """Send a handle straight to the language model; the error message, or '' on success."""
         import tritonclient.grpc as grpcclient

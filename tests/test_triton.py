@@ -50,21 +50,8 @@ def url(server, protocol):
     return server.grpc_url if protocol == "grpc" else server.http_url
 
 
-def pools_in_use(server) -> dict:
-    return server.metric_values("epd_buffer_blocks_in_use")
-
-
 def assert_pools_empty(server, timeout=5.0):
-    """Both sides' pools back to 0 (the encoder reclaims released slots within a few ms)."""
-    time.sleep(0.2)  # gauges are reported every 0.1 s: none is read stale
-    deadline = time.monotonic() + timeout
-    while True:
-        values = pools_in_use(server)
-        assert len(values) == 7, values
-        if all(v == 0 for v in values.values()):
-            return
-        assert time.monotonic() < deadline, values
-        time.sleep(0.05)
+    server.assert_pools_empty(timeout)
 
 
 @pytest.mark.parametrize("model", ["language", "ensemble"])

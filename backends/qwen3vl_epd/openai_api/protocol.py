@@ -55,13 +55,13 @@ def invalid(message: str, param: str | None = None) -> OpenAIError:
 @dataclass
 class ChatRequest:
     """A checked /v1/chat/completions body: the conversation as the model's `messages` input and
-    the sampling inputs; remote image URLs are listed for the server to fetch or refuse."""
+    the sampling inputs; remote image and video URLs are listed for the server to fetch or refuse."""
 
     messages: list[dict]
     sampling: dict
     stream: bool
     include_usage: bool
-    remote_images: list[tuple[str, dict]] = field(default_factory=list)  # (param, the part's image_url)
+    remote_media: list[tuple[str, dict, str]] = field(default_factory=list)  # (param, the part's url, image | video)
     logprobs: bool = False
     tools: Tools | None = None  # rendered by the chat template; the answer is parsed for calls
     n: int = 1
@@ -79,7 +79,7 @@ def chat_request(body, served_model: str) -> ChatRequest:
     """Check a /v1/chat/completions body; OpenAIError naming the parameter when something is wrong."""
     check_common(body, served_model)
     messages, remote = _messages(body.get("messages"))
-    sampling = sampling_of(body)
+    sampling = {**sampling_of(body), **_video_options(body)}
     response_format = body.get("response_format")
     if response_format is not None:
         if not isinstance(response_format, dict) or response_format.get("type") not in RESPONSE_FORMATS:
@@ -211,13 +211,29 @@ def _messages(messages) -> tuple[list[dict], list[tuple[str, dict]]]:
         content = turn.get("content")
         if isinstance(content, list):
             for p, part in enumerate(content):
-                url = part.get("image_url") if isinstance(part, dict) and part.get("type") == "image_url" else None
-                link = url.get("url") if isinstance(url, dict) else url
-                if chat.is_remote_url(link):
-                    remote.append((f"{param}.content[{p}].image_url", url))
+                kind = part.get("type") if isinstance(part, dict) else None
+                url = part.get(kind) if kind in ("image_url", "video_url") else None
+                if isinstance(url, dict) and chat.is_remote_url(url.get("url")):
+                    remote.append((f"{param}.content[{p}].{kind}", url, kind.removesuffix("_url")))
         passed = {k: turn[k] for k in ("tool_calls", "tool_call_id") if turn.get(k) is not None}
         out.append({"role": ROLES[role], "content": content, **passed})
     return out, remote
+
+
+def _video_options(body: dict) -> dict:
+    """vLLM's `mm_processor_kwargs` {"fps": F} or {"num_frames": N} → the video_fps / video_frames inputs."""
+    kwargs = body.get("mm_processor_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not set(kwargs) <= {"fps", "num_frames"}:
+        raise invalid("mm_processor_kwargs: an object with fps or num_frames (video frame sampling)",
+                      "mm_processor_kwargs")
+    fps, frames = kwargs.get("fps"), kwargs.get("num_frames")
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))):
+        raise invalid(f"mm_processor_kwargs.fps: {fps!r} is not a number", "mm_processor_kwargs")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)):
+        raise invalid(f"mm_processor_kwargs.num_frames: {frames!r} is not an integer", "mm_processor_kwargs")
+    return {k: v for k, v in (("video_fps", fps), ("video_frames", frames)) if v is not None}
 
 
 def with_seed(sampling: dict, choice: int) -> dict:

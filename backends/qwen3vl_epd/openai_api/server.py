@@ -15,7 +15,7 @@ from aiohttp import web
 
 from qwen3vl_epd.openai_api import answers
 from qwen3vl_epd.openai_api import protocol as api
-from qwen3vl_epd.openai_api.images import fetch_remote_images
+from qwen3vl_epd.openai_api.images import fetch_remote_media
 from qwen3vl_epd.openai_api.metrics import DoorMetrics
 from qwen3vl_epd.openai_api.protocol import OpenAIError
 from qwen3vl_epd.wire import Response, request_inputs, response_of
@@ -31,6 +31,7 @@ class ServerConfig:
     api_key: str | None = None
     allow_remote_images: bool = False
     max_image_bytes: int = 20 * 1024 * 1024
+    max_video_bytes: int = 64 * 1024 * 1024
     fetch_timeout_s: float = 10.0
     max_body_bytes: int = 256 * 1024 * 1024  # eight 20 MiB images as base64 fit
 
@@ -111,7 +112,7 @@ class ChatServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         chat = api.chat_request(await _body(request), self.config.served_model)
-        await fetch_remote_images(chat, self.config)
+        await fetch_remote_media(chat, self.config)
         return await self._answer(request, chat, answers.CHAT)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:

@@ -113,7 +113,7 @@ def decode_frames(data: bytes, index: int, indices: Sequence[int],
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if i == 0 and frame.rotation:
-                    raise VideoError(index, f"rotated by {frame.rotation} degrees (display matrix); rotated clips "
+                    raise VideoError(index, f"rotated by {frame.rotation % 360} degrees (display matrix); rotated clips "
                                             "are not supported (re-encode them upright)")
                 if (frame.width, frame.height) != size:
                     raise VideoError(index, f"frame {i} is {frame.width}x{frame.height} but the stream is "
