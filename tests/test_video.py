@@ -142,6 +142,14 @@ def test_a_hostile_clip_is_invalid_arg_naming_the_limit(name, checkpoint):
     assert e.value.code == "INVALID_ARG" and says in str(e.value), str(e.value)
 
 
+def test_decoding_a_clip_reports_progress_per_frame(checkpoint):
+    """The encoder's liveness: a long decode keeps moving its progress (liveness.Progress.advance)."""
+    processor, seen = Processor(checkpoint), []
+    processor.on_progress = lambda: seen.append(1)
+    processor.process("Hi", videos=[make_clip(frames=10, rate=5)])
+    assert len(seen) == 10  # every frame up to the last one sampled
+
+
 def test_bad_sampling_options_and_counts_name_the_field(processor):
     for options, says in [(VideoOptions(fps=0), "video_fps: 0 is outside"), (VideoOptions(num_frames=1), "video_frames: 1"),
                           (VideoOptions(fps=2, num_frames=4), "send one of them")]:

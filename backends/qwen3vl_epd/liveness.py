@@ -84,6 +84,10 @@ class Progress:
             self.since = time.time()
         self.busy, self.units = True, units
 
+    def advance(self) -> None:
+        """The work in hand moved on without finishing a unit (a frame decoded): its bound restarts."""
+        self.since = time.time()
+
     def done(self, seconds: float, units: int, still_busy: bool = False) -> None:
         """A unit of work ended; only work with a size (a forward ran) counts in the rates."""
         self.count += 1

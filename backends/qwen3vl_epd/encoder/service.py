@@ -74,6 +74,7 @@ class EncoderService:
                              handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
         self.encode_seconds, self.encode_count = 0.0, 0
         self.progress = Progress()  # batches done, for the supervisor's liveness rule (liveness.py)
+        self.processor.on_progress = self.progress.advance  # a long clip's decode is not a hang
         self._stop = threading.Event()
         log.info("encoder ready: checkpoint %s, dtype %s, device %s, staging pools %s; settings: %s",
                  s.checkpoint_dir, self.encoder.dtype, s.device, self.buffers.capacity(), s.summary())

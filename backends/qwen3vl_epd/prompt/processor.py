@@ -45,6 +45,7 @@ class Processor:
         self.merge_size = self.image_processor.merge_size
         self.image_token_id = self.config.image_token_id
         self.layout = Layout(self.config, self.architecture)
+        self.on_progress = lambda: None  # called per decoded video frame (the encoder's liveness)
 
     def build_prompt(self, text: str, num_images: int, raw_prompt: bool = False, num_videos: int = 0) -> str:
         """The templated prompt: `<image>` / `<video>` markers, or leading images and videos, become
@@ -107,7 +108,7 @@ class Processor:
                     ) // self.merge_size**2
         out = []
         for i, (data, hit) in enumerate(zip(clips, hits)):
-            video = hit or self.video_processor.process(data, i, options, lim, left)
+            video = hit or self.video_processor.process(data, i, options, lim, left, self.on_progress)
             left -= int(video.grid_thw.prod()) // self.merge_size**2
             out.append(video)
         return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -96,8 +97,8 @@ class VideoProcessor:
         t = -(-frames // self.c.temporal_patch_size)
         return t * (h // self.c.patch_size) * (w // self.c.patch_size) // self.c.merge_size**2
 
-    def process(self, data: bytes, index: int, options: VideoOptions, limits: Limits,
-                tokens_left: int) -> ProcessedVideo:
+    def process(self, data: bytes, index: int, options: VideoOptions, limits: Limits, tokens_left: int,
+                on_frame: Callable[[], None] = lambda: None) -> ProcessedVideo:
         """Container bytes → patches, grid and timestamps; the limits are checked before decoding."""
         info = probe_video(data, index, limits)
         indices = self.indices(info, options)
@@ -118,7 +119,7 @@ class VideoProcessor:
                 return frame
             return F.interpolate(frame, size=[h, w], mode="bicubic", align_corners=False, antialias=True)
 
-        frames = decode_frames(data, index, indices, resize)
+        frames = decode_frames(data, index, indices, resize, on_frame)
         pixels = (frames.to(torch.float32) - self.mean) / self.std
         patches, t, gh, gw = Qwen3VLVideoProcessor.patchify(
             None, pixels[None], patch_size=self.c.patch_size, merge_size=self.c.merge_size,

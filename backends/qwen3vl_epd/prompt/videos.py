@@ -102,16 +102,18 @@ def probe_video(data: bytes, index: int, limits: Limits) -> VideoInfo:
     return info
 
 
-def decode_frames(data: bytes, index: int, indices: Sequence[int],
-                  resize: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def decode_frames(data: bytes, index: int, indices: Sequence[int], resize: Callable[[torch.Tensor], torch.Tensor],
+                  on_frame: Callable[[], None] = lambda: None) -> torch.Tensor:
     """The frames at `indices` (presentation order, ascending) as uint8 [T, 3, h, w], each passed
-    through `resize` as it is decoded so the clip is never held at full size."""
+    through `resize` as it is decoded so the clip is never held at full size; `on_frame` after
+    every frame decoded (a long clip's decode is progress the supervisor must see)."""
     wanted, frames = set(int(i) for i in indices), {}
     container, stream = _open(data, index)
     with container:
         size = stream.codec_context.width, stream.codec_context.height
         try:
             for i, frame in enumerate(container.decode(stream)):
+                on_frame()
                 if i == 0 and frame.rotation:
                     raise VideoError(index, f"rotated by {frame.rotation % 360} degrees (display matrix); rotated clips "
                                             "are not supported (re-encode them upright)")
