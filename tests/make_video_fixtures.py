@@ -11,8 +11,8 @@ torch and torchvision are CUDA builds; they run on CPU):
 import io
 import json
 import sys
-from functools import partial
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import av

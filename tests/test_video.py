@@ -16,7 +16,8 @@ from qwen3vl_epd.prompt.layout import VIDEO_PLACEHOLDER
 from qwen3vl_epd.prompt.limits import Limits
 from qwen3vl_epd.prompt.messages import parse_messages
 from qwen3vl_epd.prompt.processor import Processor
-from qwen3vl_epd.prompt.video_processing import VideoOptions
+from qwen3vl_epd.prompt.video_processing import VideoOptions, VideoProcessor
+from qwen3vl_epd.prompt.videos import VideoInfo
 from support.prompts import TOL, image_bytes
 
 pytestmark = pytest.mark.unit
@@ -47,13 +48,35 @@ def test_torch_processing_equals_the_torchvision_pipeline(processor):
         assert video.timestamps == fixtures[f"{name}.timestamps"].tolist(), name
 
 
+def test_sampling_defaults_come_from_the_checkpoint_else_the_reference(tmp_path, checkpoint):
+    bare = VideoProcessor(tmp_path)  # no video_preprocessor_config.json: the reference's defaults
+    assert (bare.c.fps, bare.c.min_frames, bare.c.max_frames) == (2, 4, 768)
+    assert bare.c.size == {"shortest_edge": 131072, "longest_edge": 786432}
+    (tmp_path / "video_preprocessor_config.json").write_text('{"fps": 1, "min_frames": 2}')
+    own = VideoProcessor(tmp_path)
+    assert (own.c.fps, own.c.min_frames, own.c.max_frames) == (1, 2, 768) and own.fingerprint != bare.fingerprint
+    ten_seconds = VideoInfo(40, 4.0, 96, 72)
+    assert list(own.indices(ten_seconds, VideoOptions())) == [0, 4, 9, 13, 17, 22, 26, 30, 35, 39]  # 1 fps
+    assert len(Processor(checkpoint).video_processor.indices(ten_seconds, VideoOptions(fps=0.5))) == 5
+
+
+@pytest.mark.parametrize("fmt,codec", [("webm", "libvpx-vp9"), ("matroska", "libx264"), ("mp4", "mpeg4"),
+                                       ("avi", "mpeg4")])
+def test_containers_with_and_without_a_frame_count(processor, fmt, codec):
+    """WebM and MKV streams report 0 frames: the packets are counted, and the clip is timed as an MP4."""
+    video = processor.video_processor.process(make_clip(frames=10, rate=5, fmt=fmt, codec=codec), 0, VideoOptions(),
+                                              Limits(), 10**6)
+    assert video.grid_thw.tolist() == [2, 4, 6] and video.timestamps == [0.3, 1.5]
+
+
 def test_the_prompt_lays_out_each_temporal_patch_with_its_time(processor):
     p = processor.process("What is this?", videos=[CLIP])
     text = processor.tokenizer.decode(p.fill_ids.tolist())
     t, h, w = p.video_grid_thw[0].tolist()
     assert (t, h, w) == (2, 4, 6) and p.video_timestamps == [[0.25, 1.5]]
     per_frame = "<|video_pad|>" * (h * w // 4)
-    layout = f"<0.2 seconds><|vision_start|>{per_frame}<|vision_end|><1.5 seconds><|vision_start|>{per_frame}<|vision_end|>"
+    layout = (f"<0.2 seconds><|vision_start|>{per_frame}<|vision_end|>"
+              f"<1.5 seconds><|vision_start|>{per_frame}<|vision_end|>")
     assert layout in text
     assert VIDEO_PLACEHOLDER not in text and "<|vision_start|><0.2" not in text  # no outer wrapper
     assert p.visual_spans == [(text_pos, h * w // 4) for text_pos in _pad_starts(p.fill_ids)]
@@ -128,7 +151,8 @@ HOSTILE = {  # name → (bytes, limits, what the message must say)
     "variable_rate": (make_clip(pts=[0, 40, 80, 400, 440, 480, 520, 560]), {}, "variable frame rate"),
     "too_many_bytes": (CLIP, {"max_video_bytes": 1000}, "over the limit of 1000 bytes (max_video_bytes)"),
     "too_long": (make_clip(frames=40, rate=4), {"max_video_seconds": 5}, "over the limit of 5 s (max_video_seconds)"),
-    "too_many_frames": (make_clip(frames=40, rate=4), {"max_video_frames": 8}, "over the limit of 8 (max_video_frames)"),
+    "too_many_frames": (make_clip(frames=40, rate=4), {"max_video_frames": 8},
+                        "over the limit of 8 (max_video_frames)"),
     "too_many_tokens": (CLIP, {"max_visual_tokens": 10}, "12 visual tokens (4 frames at 96x64) is over"),
 }
 
@@ -151,7 +175,8 @@ def test_decoding_a_clip_reports_progress_per_frame(checkpoint):
 
 
 def test_bad_sampling_options_and_counts_name_the_field(processor):
-    for options, says in [(VideoOptions(fps=0), "video_fps: 0 is outside"), (VideoOptions(num_frames=1), "video_frames: 1"),
+    for options, says in [(VideoOptions(fps=0), "video_fps: 0 is outside"),
+                          (VideoOptions(num_frames=1), "video_frames: 1"),
                           (VideoOptions(fps=2, num_frames=4), "send one of them")]:
         with pytest.raises(InvalidInputError, match=says):
             processor.process("Hi", videos=[CLIP], video_options=options)
@@ -163,13 +188,15 @@ def test_bad_sampling_options_and_counts_name_the_field(processor):
 
 def test_video_parts_of_messages(processor):
     turns = ('[{"role": "user", "content": [{"type": "video"}, {"type": "image_url", "image_url": {"url": '
-             '"data:image/png;base64,AAAA"}}, {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}},'
+             '"data:image/png;base64,AAAA"}}, {"type": "video_url", "video_url": {"url": '
+             '"data:video/mp4;base64,AAAA"}},'
              ' {"type": "text", "text": "Compare."}]}]')
     c = parse_messages(turns, [], [CLIP])
     assert c.videos == [CLIP, b"data:video/mp4;base64,AAAA"] and c.images == [b"data:image/png;base64,AAAA"]
     prompt = processor.apply_chat_template(c.turns)
     assert prompt.count(VIDEO_PLACEHOLDER) == 2
     with pytest.raises(InvalidInputError, match="remote video URLs are not fetched"):
-        parse_messages('[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "https://x/v.mp4"}}]}]')
+        parse_messages('[{"role": "user", "content": [{"type": "video_url", "video_url": '
+                       '{"url": "https://x/v.mp4"}}]}]')
     with pytest.raises(InvalidInputError, match=r"video: elements \[0\] of 1 are not used"):
         parse_messages('[{"role": "user", "content": "Hi"}]', [], [CLIP])

@@ -111,7 +111,8 @@ class EncoderService:
                                                       r.video_options)
             except EpdError as e:
                 results[i] = e
-        patches = sum(p.pixel_values.shape[0] + p.pixel_values_videos.shape[0] for p in processed.values())  # not cached
+        # patches of the images and clips not cached
+        patches = sum(p.pixel_values.shape[0] + p.pixel_values_videos.shape[0] for p in processed.values())
         self.progress.units = patches
         encoded = self.encoder.encode(list(processed.values()), self.cache)
         for i, prompt in zip(processed, encoded):

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 HASH_TOKENS = 16  # tokens per hashed block; the KV block size must be a multiple of it
 
 
-def block_hashes(fill_ids: Sequence[int], visual_spans: Sequence[Sequence[int]], span_keys: Sequence[bytes]) -> list[bytes]:
+def block_hashes(fill_ids: Sequence[int], visual_spans: Sequence[Sequence[int]],
+                 span_keys: Sequence[bytes]) -> list[bytes]:
     """One digest per full block of HASH_TOKENS tokens, each chained on the one before. Without an
     image's content key (a prompt with images but no keys) nothing is hashed: no key, no reuse."""
     if len(span_keys) != len(visual_spans):

@@ -76,7 +76,8 @@ class ProcessedPrompt:
             return []
         keys = {"image": self.image_keys, "video": self.video_keys}
         grids = {"image": self.image_grid_thw, "video": self.video_grid_thw}
-        return [keys[kind][i] for kind, i in self.visual_order for _ in range(int(grids[kind][i][0]) if kind == "video" else 1)]
+        spans = {"image": lambda i: 1, "video": lambda i: int(grids["video"][i][0])}  # a clip: one per frame
+        return [keys[kind][i] for kind, i in self.visual_order for _ in range(spans[kind](i))]
 
     def encoded(self, embeddings: torch.Tensor, deepstack: torch.Tensor) -> EncodedPrompt:
         """This prompt with its visual rows (none for text only), in the staged layout."""

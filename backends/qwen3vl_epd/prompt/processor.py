@@ -67,7 +67,8 @@ class Processor:
             content = [{"type": part[1:-1]} if part in (IMAGE_MARKER, VIDEO_MARKER) else {"type": "text", "text": part}
                        for part in _MARKERS.split(text) if part]
         else:
-            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos + [{"type": "text", "text": text}]
+            content = [{"type": "image"}] * num_images + [{"type": "video"}] * num_videos
+            content.append({"type": "text", "text": text})
         return self.apply_chat_template([{"role": "user", "content": content}])
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> str:

@@ -111,8 +111,9 @@ class VideoProcessor:
             raise VideoError(index, f"{info.width}x{info.height} is rejected by the video processor: {e}") from None
         tokens = self.tokens(len(indices), info.height, info.width)
         if tokens > tokens_left:
-            raise VideoError(index, f"{tokens} visual tokens ({len(indices)} frames at {w}x{h}) is over what is left "
-                                    f"of the per-prompt limit, {tokens_left} of max_visual_tokens {limits.max_visual_tokens}")
+            raise VideoError(index, f"{tokens} visual tokens ({len(indices)} frames at {w}x{h}) is over what is "
+                                    f"left of the per-prompt limit, {tokens_left} of max_visual_tokens "
+                                    f"{limits.max_visual_tokens}")
 
         def resize(frame: torch.Tensor) -> torch.Tensor:
             if frame.shape[-2:] == (h, w):

@@ -44,7 +44,8 @@ def video_data(data: bytes, index: int, limits: Limits) -> bytes:
         except binascii.Error:
             raise VideoError(index, "cannot decode video: invalid base64 in data URL") from None
     if len(data) > limits.max_video_bytes:
-        raise VideoError(index, f"{len(data)} bytes is over the limit of {limits.max_video_bytes} bytes (max_video_bytes)")
+        raise VideoError(index, f"{len(data)} bytes is over the limit of {limits.max_video_bytes} bytes "
+                                "(max_video_bytes)")
     if not data:
         raise VideoError(index, "cannot decode video: it is empty (0 bytes)")
     return data
@@ -115,8 +116,8 @@ def decode_frames(data: bytes, index: int, indices: Sequence[int], resize: Calla
             for i, frame in enumerate(container.decode(stream)):
                 on_frame()
                 if i == 0 and frame.rotation:
-                    raise VideoError(index, f"rotated by {frame.rotation % 360} degrees (display matrix); rotated clips "
-                                            "are not supported (re-encode them upright)")
+                    raise VideoError(index, f"rotated by {frame.rotation % 360} degrees (display matrix); "
+                                            "rotated clips are not supported (re-encode them upright)")
                 if (frame.width, frame.height) != size:
                     raise VideoError(index, f"frame {i} is {frame.width}x{frame.height} but the stream is "
                                             f"{size[0]}x{size[1]}; a clip must keep one frame size")
