@@ -13,12 +13,18 @@ class InvalidInputError(EpdError):
     code = "INVALID_ARG"
 
 
-class ImageError(InvalidInputError):
-    """An image was rejected; `index` is its position in the request (0-based)."""
+class MediaError(InvalidInputError):
+    """An image or video was rejected; `index` is its position in the request (0-based)."""
+
+    kind = "image"
 
     def __init__(self, index: int, message: str):
-        super().__init__(f"image {index}: {message}")
+        super().__init__(f"{self.kind} {index}: {message}")
         self.index = index
+
+
+class ImageError(MediaError):
+    kind = "image"
 
 
 class ImageDecodeError(ImageError):
@@ -29,12 +35,8 @@ class ImageTooLargeError(ImageError):
     """Over the encoded-bytes or pixel limit, or an aspect ratio the processor cannot resize."""
 
 
-class VideoError(InvalidInputError):
-    """A video was rejected; `index` is its position in the request (0-based)."""
-
-    def __init__(self, index: int, message: str):
-        super().__init__(f"video {index}: {message}")
-        self.index = index
+class VideoError(MediaError):
+    kind = "video"
 
 
 class TooManyImagesError(InvalidInputError):

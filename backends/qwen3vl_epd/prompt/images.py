@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import warnings
 
@@ -12,23 +10,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_transforms import convert_to_rgb
 
 from qwen3vl_epd.errors import ImageDecodeError, ImageTooLargeError
-from qwen3vl_epd.prompt.limits import Limits
+from qwen3vl_epd.prompt.limits import Limits, element_bytes
 
 
 def image_data(data: bytes, index: int, limits: Limits) -> bytes:
     """An `image` element's raw bytes (a base64 data URL decoded), within the encoded-bytes limit."""
-    if data[:5] == b"data:" and b";base64," in data[:100]:
-        try:
-            data = base64.b64decode(data.split(b";base64,", 1)[1], validate=True)
-        except binascii.Error:
-            raise ImageDecodeError(index, "cannot decode image: invalid base64 in data URL") from None
-    if len(data) > limits.max_image_bytes:
-        raise ImageTooLargeError(
-            index, f"{len(data)} bytes is over the limit of {limits.max_image_bytes} encoded bytes"
-        )
-    if not data:
-        raise ImageDecodeError(index, "cannot decode image: it is empty (0 bytes)")
-    return data
+    return element_bytes(data, index, limits.max_image_bytes)
 
 
 def decode_image(data: bytes, index: int, limits: Limits) -> Image.Image:

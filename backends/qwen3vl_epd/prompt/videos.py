@@ -4,8 +4,6 @@ before a frame is decoded."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +13,7 @@ import numpy as np
 import torch
 
 from qwen3vl_epd.errors import VideoError
-from qwen3vl_epd.prompt.limits import Limits
+from qwen3vl_epd.prompt.limits import Limits, element_bytes
 
 # Presentation-time steps may differ by one tick of the stream's time base (rounding, as WebM's
 # millisecond clocks do at 30 fps) and by this fraction; more is a variable frame rate.
@@ -38,17 +36,7 @@ class VideoInfo:
 
 def video_data(data: bytes, index: int, limits: Limits) -> bytes:
     """A `video` element's raw container bytes (a base64 data URL decoded), within the byte limit."""
-    if data[:5] == b"data:" and b";base64," in data[:100]:
-        try:
-            data = base64.b64decode(data.split(b";base64,", 1)[1], validate=True)
-        except binascii.Error:
-            raise VideoError(index, "cannot decode video: invalid base64 in data URL") from None
-    if len(data) > limits.max_video_bytes:
-        raise VideoError(index, f"{len(data)} bytes is over the limit of {limits.max_video_bytes} bytes "
-                                "(max_video_bytes)")
-    if not data:
-        raise VideoError(index, "cannot decode video: it is empty (0 bytes)")
-    return data
+    return element_bytes(data, index, limits.max_video_bytes, "video", "bytes (max_video_bytes)")
 
 
 def _open(data: bytes, index: int):
