@@ -1,4 +1,4 @@
-"""python -m client --prompt "Describe this image." --image cat.jpg [--stream] [--protocol grpc|http]"""
+"""python -m client --prompt "Describe <video>." [--image cat.jpg] [--video clip.mp4] [--stream] [--protocol http]"""
 
 import argparse
 import sys
@@ -8,9 +8,13 @@ from client import RequestError, generate
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="Send a prompt and images to the Qwen3-VL ensemble.")
-    parser.add_argument("--prompt", required=True, help="the user message; <image> marks where each image goes")
+    parser = argparse.ArgumentParser(description="Send a prompt, images and videos to the Qwen3-VL language model.")
+    parser.add_argument("--prompt", required=True,
+                        help="the user message; <image> / <video> mark where each image / video goes")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    parser.add_argument("--video", action="append", default=[], help="video file (repeat for several)")
+    parser.add_argument("--video-fps", type=float, help="frames per second to sample from each video")
+    parser.add_argument("--video-frames", type=int, help="frames to sample from each video in all")
     parser.add_argument("--url", default=None, help="server address (default localhost:8001 gRPC, :8000 HTTP)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     parser.add_argument("--stream", action="store_true", help="print text as it is generated")
@@ -24,11 +28,13 @@ def main() -> int:
     args = parser.parse_args()
     url = args.url or ("localhost:8001" if args.protocol == "grpc" else "localhost:8000")
     images = [Path(p).read_bytes() for p in args.image]
+    videos = [Path(p).read_bytes() for p in args.video]
     try:
         last = None
         for last in generate(url, args.prompt, images, args.protocol, args.stream, max_tokens=args.max_tokens,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                             stop=args.stop, ignore_eos=args.ignore_eos or None):
+                             stop=args.stop, ignore_eos=args.ignore_eos or None, videos=videos,
+                             video_fps=args.video_fps, video_frames=args.video_frames):
             print(last.text, end="", flush=True)
         print(f"\n[finish_reason={last.finish_reason} input_tokens={last.num_input_tokens} "
               f"output_tokens={last.num_output_tokens}]", file=sys.stderr)
