@@ -78,27 +78,35 @@ def test_endpoints_equal_transformers(server, expected, case, route):
     assert (got, last.num_output_tokens) == expected[case]
 
 
-def test_openai_video_url_equals_transformers(sdk, processor, reference):
-    """video_url parts (data URLs) with an image, and vLLM's mm_processor_kwargs for the frames."""
-    turns = [{"role": "user", "content": [
-        {"type": "video_url", "video_url": {"url": video_url(CLIP)}},
-        {"type": "image_url", "image_url": {"url": data_url(image_bytes("small_64x64.webp"))}},
-        {"type": "video_url", "video_url": {"url": video_url(CLIP_B)}},
-        {"type": "text", "text": "What do these show?"}]}]
+@pytest.mark.parametrize("case", list(CASES))
+def test_openai_video_url_equals_transformers(sdk, processor, reference, case):
+    """video_url parts (data URLs), with an image, and vLLM's mm_processor_kwargs for the frames."""
+    text, images, videos, fields = CASES[case]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image_bytes(i))}} for i in images]
+    parts += [{"type": "video_url", "video_url": {"url": video_url(v)}} for v in videos]
+    turns = [{"role": "user", "content": [*parts, {"type": "text", "text": text.replace("<image>", "the image")
+                                                   .replace("<video>", "the video")}]}]
     c = parse_messages(json.dumps(turns))
+    options = VideoOptions(num_frames=fields.get("video_frames"))
     prompt = processor.process(processor.apply_chat_template(c.turns), c.images, raw_prompt=True, videos=c.videos,
-                               video_options=VideoOptions(num_frames=6))
+                               video_options=options)
     want, n = greedy_text(processor, reference, prompt)
-    r = sdk.chat.completions.create(model="tiny", messages=turns, max_tokens=MAX_TOKENS,
-                                    extra_body={"mm_processor_kwargs": {"num_frames": 6}})
+    extra = {"mm_processor_kwargs": {"num_frames": options.num_frames}} if options.num_frames else {}
+    r = sdk.chat.completions.create(model="tiny", messages=turns, max_tokens=MAX_TOKENS, extra_body=extra)
     assert r.choices[0].message.content == want and r.usage.completion_tokens == n
     assert r.usage.prompt_tokens == prompt.fill_ids.numel()
+
+
+def test_openai_refuses_remote_and_broken_clips(sdk):
     with pytest.raises(openai.BadRequestError, match="remote video URLs are not fetched"):
         sdk.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": "http://127.0.0.1:9/clip.mp4"}}]}])
-    with pytest.raises(openai.BadRequestError, match="video 0: "):
+    with pytest.raises(openai.BadRequestError, match="video 0: cannot decode video"):
         sdk.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": video_url(b"not a video" * 20)}}]}])
+    with pytest.raises(openai.BadRequestError, match="mm_processor_kwargs"):
+        sdk.chat.completions.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "Hi"}],
+                                    extra_body={"mm_processor_kwargs": {"max_pixels": 4}})
 
 
 HOSTILE = {

@@ -88,8 +88,8 @@ class Processor:
         if len(images) > lim.max_images:
             raise TooManyImagesError(f"image: {len(images)} images is over the limit of {lim.max_images} per prompt")
         if len(videos) > lim.max_videos:
-            raise TooManyImagesError(f"video: {len(videos)} videos is over the limit of {lim.max_videos} per prompt "
-                                     "(max_videos)")
+            raise InvalidInputError(f"video: {len(videos)} videos is over the limit of {lim.max_videos} per prompt "
+                                    "(max_videos)")
         options = video_options.check(lim)
         prompt = self.build_prompt(text, len(images), raw_prompt, len(videos))
         data = [image_data(d, i, lim) for i, d in enumerate(images)]
