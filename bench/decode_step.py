@@ -1,0 +1,91 @@
+"""Decode step time on the moderate checkpoint (support/checkpoints.py MODERATE, 325 M) with the
+language model's linear layers packed for oneDNN (language/packed.py) against plain F.linear,
+side by side in alternating rounds, at batch 1, 4 and 16, context 128, one torch thread.
+
+Run: .venv/bin/python bench/decode_step.py [--checkpoint DIR] [--steps 20] [--rounds 3]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from goals import verdict  # noqa: E402
+
+import qwen3vl_epd.language.model as language_model  # noqa: E402
+from qwen3vl_epd.language.engine.kv_cache import PagedKVCache  # noqa: E402
+from qwen3vl_epd.language.engine.model_runner import ModelRunner  # noqa: E402
+from qwen3vl_epd.language.sampling import Sampler, SamplingParams  # noqa: E402
+from support.checkpoints import moderate_checkpoint  # noqa: E402
+
+BATCHES, CONTEXT = (1, 4, 16), 128
+
+
+def load(checkpoint: str, packed: bool):
+    """The language model with or without packed linears (the switch is language/packed.packable)."""
+    original = language_model.packable
+    language_model.packable = original if packed else (lambda device, dtype: False)
+    try:
+        model = language_model.LanguageModel(checkpoint)
+    finally:
+        language_model.packable = original
+    tc = model.config.text_config
+    kv = PagedKVCache(tc.num_hidden_layers, max(BATCHES) * (CONTEXT + 64) // 16 + 16, 16, tc.num_key_value_heads,
+                      tc.head_dim, model.dtype)
+    return ModelRunner(model), kv
+
+
+def step_ms(runner, kv, batch: int, steps: int) -> float:
+    seqs = []
+    for _ in range(batch):
+        s = kv.allocate_sequence(CONTEXT + steps + 4)
+        s.length = CONTEXT  # as if prefilled: a step's cost does not depend on the values
+        params = SamplingParams()
+        seqs.append(SimpleNamespace(kv=s, tokens=[1], prompt_len=CONTEXT, mrope_delta=0, params=params,
+                                    sampler=Sampler(params), grammar=None))
+    for n in range(steps + 2):
+        if n == 2:  # two warm-up steps
+            t0 = time.perf_counter()
+        tokens, _ = runner.sample(*runner.run([], seqs))
+        for s, t in zip(seqs, tokens):
+            s.tokens.append(t)
+    elapsed = (time.perf_counter() - t0) / steps * 1000
+    for s in seqs:
+        s.kv.free()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "bench-moderate"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # as the language model process runs (config.pbtxt torch_threads)
+    checkpoint = str(moderate_checkpoint(Path(args.checkpoint)))
+    sides = {"plain": load(checkpoint, False), "packed": load(checkpoint, True)}
+    times = {(side, b): [] for side in sides for b in BATCHES}
+    for _ in range(args.rounds):
+        for b in BATCHES:
+            for side, (runner, kv) in sides.items():
+                times[side, b].append(step_ms(runner, kv, b, args.steps))
+    print(f"{Path(checkpoint).name}: decode step ms at context {CONTEXT}, medians of {args.rounds} rounds")
+    print("| batch | plain F.linear | packed | packed / plain |\n|---|---|---|---|")
+    ratios = []
+    for b in BATCHES:
+        plain, packed = statistics.median(times["plain", b]), statistics.median(times["packed", b])
+        ratios.append(packed / plain)
+        print(f"| {b} | {plain:.1f} | {packed:.1f} | {packed / plain:.2f} |")
+    worst = max(ratios)
+    print(f"goal: packed_step_ratio_worst_batch {worst:.2f} (target <= 0.9) {verdict(worst, '<=', 0.9)}")
+
+
+if __name__ == "__main__":
+    main()
