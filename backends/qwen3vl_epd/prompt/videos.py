@@ -65,22 +65,23 @@ def probe_video(data: bytes, index: int, limits: Limits) -> VideoInfo:
         if stated > limits.max_video_seconds:
             raise VideoError(index, f"{stated:.1f} s is over the limit of "
                                     f"{limits.max_video_seconds:g} s (max_video_seconds)")
+        declared, rate, tick = stream.frames, stream.average_rate, float(stream.time_base)
         try:
             pts = sorted(p.pts for p in container.demux(stream) if p.size and p.pts is not None)
         except av.error.FFmpegError as e:
             raise VideoError(index, f"cannot decode video: the container is damaged ({e})") from None
-    if stream.frames and stream.frames != len(pts):
-        raise VideoError(index, f"cannot decode video: truncated, the header lists {stream.frames} frames but "
+    if declared and declared != len(pts):
+        raise VideoError(index, f"cannot decode video: truncated, the header lists {declared} frames but "
                                 f"{len(pts)} are there")
     if len(pts) < 2:
         raise VideoError(index, f"the clip has {len(pts)} frame(s); a clip needs at least 2 (one temporal patch)")
     steps = np.diff(pts)
-    step, tick_ms = float(np.median(steps)), float(stream.time_base) * 1000
+    step, tick_ms = float(np.median(steps)), tick * 1000
     if step <= 0 or np.abs(steps - step).max() > 1 + FRAME_STEP_TOLERANCE * step:
         raise VideoError(index, f"variable frame rate: frame times step from {steps.min() * tick_ms:.1f} to "
                                 f"{steps.max() * tick_ms:.1f} ms; only constant-rate clips are timed correctly "
                                 "(re-encode at a constant rate)")
-    fps = float(stream.average_rate) if stream.average_rate else 1 / float(step * stream.time_base)
+    fps = float(rate) if rate else 1 / (step * tick)
     info = VideoInfo(len(pts), fps, width, height)
     if stated > info.seconds + 1.5 / fps + 0.05:
         raise VideoError(index, f"cannot decode video: truncated, the header says {stated:.2f} s but the frames "
