@@ -8,21 +8,19 @@ Run: .venv/bin/python bench/decode_step.py [--checkpoint DIR] [--steps 20] [--ro
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from decoding import decode_batch, step_seconds  # noqa: E402
 from goals import verdict  # noqa: E402
 
 import qwen3vl_epd.language.model as language_model  # noqa: E402
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache  # noqa: E402
 from qwen3vl_epd.language.engine.model_runner import ModelRunner  # noqa: E402
-from qwen3vl_epd.language.sampling import Sampler, SamplingParams  # noqa: E402
 from support.checkpoints import moderate_checkpoint  # noqa: E402
 
 BATCHES, CONTEXT = (1, 4, 16), 128
@@ -42,26 +40,6 @@ def load(checkpoint: str, packed: bool):
     return ModelRunner(model), kv
 
 
-def step_ms(runner, kv, batch: int, steps: int) -> float:
-    seqs = []
-    for _ in range(batch):
-        s = kv.allocate_sequence(CONTEXT + steps + 4)
-        s.length = CONTEXT  # as if prefilled: a step's cost does not depend on the values
-        params = SamplingParams()
-        seqs.append(SimpleNamespace(kv=s, tokens=[1], prompt_len=CONTEXT, mrope_delta=0, params=params,
-                                    sampler=Sampler(params), grammar=None))
-    for n in range(steps + 2):
-        if n == 2:  # two warm-up steps
-            t0 = time.perf_counter()
-        tokens, _ = runner.sample(*runner.run([], seqs))
-        for s, t in zip(seqs, tokens):
-            s.tokens.append(t)
-    elapsed = (time.perf_counter() - t0) / steps * 1000
-    for s in seqs:
-        s.kv.free()
-    return elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "bench-moderate"))
@@ -75,7 +53,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for b in BATCHES:
             for side, (runner, kv) in sides.items():
-                times[side, b].append(step_ms(runner, kv, b, args.steps))
+                times[side, b].append(step_seconds(runner, decode_batch(kv, b, CONTEXT, args.steps), args.steps) * 1000)
     print(f"{Path(checkpoint).name}: decode step ms at context {CONTEXT}, medians of {args.rounds} rounds")
     print("| batch | plain F.linear | packed | packed / plain |\n|---|---|---|---|")
     ratios = []

@@ -8,22 +8,20 @@ Run: .venv/bin/python bench/structured.py [--checkpoint DIR] [--steps 40] [--rou
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from decoding import decode_batch, step_seconds  # noqa: E402
 from goals import verdict  # noqa: E402
 
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache  # noqa: E402
 from qwen3vl_epd.language.engine.model_runner import ModelRunner  # noqa: E402
 from qwen3vl_epd.language.grammar import Grammars  # noqa: E402
 from qwen3vl_epd.language.model import LanguageModel  # noqa: E402
-from qwen3vl_epd.language.sampling import Sampler, SamplingParams  # noqa: E402
 from qwen3vl_epd.prompt.processor import Processor  # noqa: E402
 
 BATCH, CONSTRAINED, CONTEXT = 16, 8, 256
@@ -31,34 +29,6 @@ BATCH, CONSTRAINED, CONTEXT = 16, 8, 256
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "note", "schema": {
     "type": "object", "properties": {"text": {"type": "string", "maxLength": 2000}}, "required": ["text"],
     "additionalProperties": False}}}
-
-
-def batch(kv, grammar, constrained: int, steps: int) -> list:
-    seqs = []
-    for i in range(BATCH):
-        s = kv.allocate_sequence(CONTEXT + steps + 4)
-        s.length = CONTEXT  # as if prefilled: a step's cost does not depend on the values
-        params = SamplingParams()
-        seqs.append(SimpleNamespace(kv=s, tokens=[1], prompt_len=CONTEXT, mrope_delta=0, params=params,
-                                    sampler=Sampler(params), grammar=grammar.matcher() if i < constrained else None))
-    return seqs
-
-
-def step_seconds(runner, kv, grammar, constrained: int, steps: int) -> float:
-    seqs = batch(kv, grammar, constrained, steps)
-    t0 = 0.0
-    for n in range(steps + 2):
-        if n == 2:  # two warm-up steps
-            t0 = time.perf_counter()
-        tokens, _ = runner.sample(*runner.run([], seqs))
-        for s, t in zip(seqs, tokens):
-            s.tokens.append(t)
-            if s.grammar is not None:
-                assert s.grammar.accept(t) is None
-    elapsed = (time.perf_counter() - t0) / steps
-    for s in seqs:
-        s.kv.free()
-    return elapsed
 
 
 def main() -> None:
@@ -76,8 +46,9 @@ def main() -> None:
     grammar = Grammars(Processor(args.checkpoint).tokenizer, tc.vocab_size).compile(SCHEMA)
     free, constrained = [], []
     for _ in range(args.rounds):
-        free.append(step_seconds(runner, kv, grammar, 0, args.steps))
-        constrained.append(step_seconds(runner, kv, grammar, CONSTRAINED, args.steps))
+        free.append(step_seconds(runner, decode_batch(kv, BATCH, CONTEXT, args.steps), args.steps))
+        rows = [grammar.matcher() for _ in range(CONSTRAINED)]
+        constrained.append(step_seconds(runner, decode_batch(kv, BATCH, CONTEXT, args.steps, rows), args.steps))
     a, b = statistics.median(free), statistics.median(constrained)
     print(f"{Path(args.checkpoint).name}: decode batch {BATCH} at context {CONTEXT}, medians of {args.rounds} rounds "
           f"of {args.steps} steps")
