@@ -15,13 +15,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from decoding import decode_batch, step_seconds  # noqa: E402
 from goals import verdict  # noqa: E402
 
 import qwen3vl_epd.language.model as language_model  # noqa: E402
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache  # noqa: E402
 from qwen3vl_epd.language.engine.model_runner import ModelRunner  # noqa: E402
 from support.checkpoints import moderate_checkpoint  # noqa: E402
+from support.decoding import decode_batch, step_seconds  # noqa: E402
 
 BATCHES, CONTEXT = (1, 4, 16), 128
 

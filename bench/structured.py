@@ -15,7 +15,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from decoding import decode_batch, step_seconds  # noqa: E402
 from goals import verdict  # noqa: E402
 
 from qwen3vl_epd.language.engine.kv_cache import PagedKVCache  # noqa: E402
@@ -23,6 +22,7 @@ from qwen3vl_epd.language.engine.model_runner import ModelRunner  # noqa: E402
 from qwen3vl_epd.language.grammar import Grammars  # noqa: E402
 from qwen3vl_epd.language.model import LanguageModel  # noqa: E402
 from qwen3vl_epd.prompt.processor import Processor  # noqa: E402
+from support.decoding import decode_batch, step_seconds  # noqa: E402
 
 BATCH, CONSTRAINED, CONTEXT = 16, 8, 256
 # A schema that stays open for the whole measurement: one long string field.
