@@ -16,7 +16,7 @@ class InvalidInputError(EpdError):
 class MediaError(InvalidInputError):
     """An image or video was rejected; `index` is its position in the request (0-based)."""
 
-    kind = "image"
+    kind: str
 
     def __init__(self, index: int, message: str):
         super().__init__(f"{self.kind} {index}: {message}")

@@ -9,7 +9,7 @@ import torch
 
 from qwen3vl_epd.errors import InvalidInputError
 
-IMAGE_PLACEHOLDER = VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+VISION_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids
 
@@ -34,7 +34,6 @@ class Layout:
     """Token ids and grids → expanded ids, spans, the visual items' order, M-RoPE positions."""
 
     def __init__(self, config, architecture):
-        self.config = config
         self.merge_unit = config.vision_config.spatial_merge_size**2
         self.image_token_id, self.video_token_id = config.image_token_id, config.video_token_id
         # get_rope_index only needs the config and get_vision_position_ids (which ignores self);

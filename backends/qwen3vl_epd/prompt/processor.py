@@ -43,7 +43,6 @@ class Processor:
         # Everything that shapes an image's patches besides its bytes: part of its cache key.
         self.fingerprint = hashlib.sha256(json.dumps(pp, sort_keys=True).encode()).digest()
         self.merge_size = self.image_processor.merge_size
-        self.image_token_id = self.config.image_token_id
         self.layout = Layout(self.config, self.architecture)
         self.on_progress = lambda: None  # called per decoded video frame (the encoder's liveness)
 
@@ -103,6 +102,8 @@ class Processor:
 
     def _videos(self, clips: list[bytes], hits: list, images: list, options: VideoOptions) -> list:
         """Each clip's CachedImage, else its ProcessedVideo, within what the images leave of the token limit."""
+        if not clips:
+            return []
         lim = self.limits
         left = min(lim.max_visual_tokens, lim.max_prompt_tokens)
         left -= sum(int(i.grid_thw.prod()) if isinstance(i, CachedImage) else self._image_tokens(i) for i in images
