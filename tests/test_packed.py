@@ -1,9 +1,17 @@
-"""Packed linear layers (language/packed.py): the same products as F.linear, used only where they apply."""
+"""Packed linear layers and experts (language/packed.py): the same products as transformers' own
+modules, used only where they apply; and the engine's thread alone computing in parallel."""
+
+import threading
+from pathlib import Path
 
 import pytest
 import torch
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-from qwen3vl_epd.language.packed import PackedLinear, packable
+from qwen3vl_epd.language.encoder_pool import on_this_host
+from qwen3vl_epd.language.engine.threads import CoreShare, take_threads
+from qwen3vl_epd.language.packed import DENSE_EXPERT_ROWS, PackedExperts, PackedLinear, packable
 
 pytestmark = pytest.mark.unit
 
@@ -20,9 +28,113 @@ def test_a_packed_linear_equals_f_linear(bias):
     assert packed.weight is linear.weight  # the state dict and a tied lm_head keep the plain weight
 
 
+def _experts(num_experts: int, top_k: int):
+    config = Qwen3VLMoeTextConfig(hidden_size=64, moe_intermediate_size=48, num_experts=num_experts,
+                                  num_experts_per_tok=top_k)
+    torch.manual_seed(0)
+    experts = Qwen3VLMoeTextExperts(config)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.1)
+        experts.down_proj.normal_(0, 0.1)
+    return experts
+
+
+def _routing(tokens: int, num_experts: int, top_k: int):
+    weights, index = torch.randn(tokens, num_experts).softmax(-1).topk(top_k)
+    return index, weights / weights.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 16, 32, 33, 300])
+def test_packed_experts_equal_transformers_experts_on_both_paths(tokens):
+    experts = _experts(8, 2)
+    packed = PackedExperts(experts)
+    hidden = torch.randn(tokens, 64)
+    index, weights = _routing(tokens, 8, 2)
+    with torch.inference_mode():
+        expected = experts(hidden, index, weights)
+        for path in (packed._dense, packed._routed, packed):
+            torch.testing.assert_close(path(hidden, index, weights), expected, atol=1e-5, rtol=1e-5)
+    # the dense path is taken where the batch reaches most experts and stays small
+    assert (tokens * 2 >= 8 and tokens * 8 <= DENSE_EXPERT_ROWS) == (4 <= tokens <= 32)
+
+
+def test_packed_experts_run_only_the_experts_a_token_reaches():
+    experts = _experts(16, 4)
+    packed = PackedExperts(experts)
+    packed.gate_up[3] = packed.down[3] = None  # an expert no token is routed to is never read
+    index, weights = _routing(2, 16, 4)
+    index[index == 3] = 5
+    with torch.inference_mode():
+        assert packed(torch.randn(2, 64), index, weights).shape == (2, 64)
+
+
 def test_the_language_model_packs_only_float32_on_cpu(language):
     assert packable(torch.device("cpu"), torch.float32)
     assert not packable(torch.device("cpu"), torch.bfloat16) and not packable(torch.device("meta"), torch.float32)
     assert isinstance(language.lm_head, PackedLinear)
     attention = language.model.layers[0].self_attn
     assert all(isinstance(getattr(attention, n), PackedLinear) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert all(isinstance(layer.mlp.experts, PackedExperts) for layer in language.model.layers)
+
+
+def test_loaded_weights_are_the_processes_own_memory_not_the_files_mapped_pages(language, checkpoint):
+    # A weight left on safetensors' mapping is read from disk at first touch (an embedding row per
+    # new token) and can be evicted; load_module copies what a conversion did not already copy.
+    mapped = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 6 and Path(fields[5]).parent == Path(checkpoint).resolve():
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            mapped.append((start, end))
+    params = [language.model.embed_tokens.weight, *language.model.parameters()]
+    assert not [p for p in params for start, end in mapped if start <= p.data_ptr() < end]
+
+
+def test_the_engine_thread_alone_keeps_its_torch_threads():
+    # take_threads relies on torch fixing a thread's OpenMP count per thread: the default the
+    # others get afterwards (1) does not reach the engine's thread.
+    before, seen, go = torch.get_num_threads(), [], threading.Event()
+
+    def engine():
+        take_threads(2)
+        seen.append(torch.get_num_threads())
+        go.wait()
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=engine)
+    thread.start()
+    try:
+        while not seen:
+            threading.Event().wait(0.01)
+        torch.set_num_threads(1)
+        go.set()
+        thread.join()
+        assert seen == [2, 2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_step_leaves_a_core_to_an_encoder_on_this_host_while_it_works():
+    busy, seen = [False], []
+    cores = CoreShare(2, lambda: busy[0])
+
+    def steps():
+        cores.take()
+        for b in (False, True, True, False):
+            busy[0] = b
+            cores.step()
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=steps)
+    thread.start()
+    thread.join()
+    torch.set_num_threads(before)
+    assert seen == [2, 1, 1, 2]
+
+
+def test_which_encoder_pools_share_this_host():
+    assert all(on_this_host(t) for t in ("127.0.0.1:8001", "localhost:8001", "ipv4:127.0.0.1:8001,127.0.0.2:9001",
+                                         "ipv6:[::1]:8001", "dns:///localhost:8001", "unix:/tmp/enc.sock"))
+    assert not any(on_this_host(t) for t in ("10.0.1.2:8001", "ipv4:127.0.0.1:8001,10.0.2.2:8001", "dns:///enc:8001",
+                                             "[2001:db8::1]:8001"))

@@ -102,6 +102,9 @@ class EncoderSettings(Settings):
 
 @dataclass
 class LanguageSettings(Settings):
+    # The engine thread's intra-op threads (0: one per core), the only thread here that computes in
+    # parallel; one fewer while an encoder on this host works for it.
+    torch_threads: int = 0
     allowed_encoder_hosts: list[str] = field(default_factory=list)  # hosts or CIDR; empty: this host only
     # the encoder pool: a gRPC target, e.g. "ipv4:10.0.1.2:8001,10.0.2.2:8001" or "dns:///enc:8001"
     encoders: str = "127.0.0.1:8001"

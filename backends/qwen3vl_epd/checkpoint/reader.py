@@ -69,14 +69,18 @@ def load_module(module: torch.nn.Module, reader: CheckpointReader, prefix: str, 
     device = torch.device(device)
     expected = {name: t.shape for name, t in module.state_dict().items()}
     seen = set()
-    for name, t in reader.tensors((prefix,), strip=prefix):
+    for name, mapped in reader.tensors((prefix,), strip=prefix):
         if name not in expected:
             raise RuntimeError(f"unexpected tensor {prefix}{name} in {reader.dir}")
-        t = t.to(device)
+        t = mapped.to(device)
         if t.is_floating_point():
             t = t.to(dtype)
         if name.endswith(_EXPERT_SUFFIXES) and t.shape != expected[name]:
             t = t.transpose(1, 2).contiguous()
+        if t.data_ptr() == mapped.data_ptr():
+            # Still the file's mapping (CPU, no conversion): its pages would be read from disk at
+            # first touch (an embedding row per new token, milliseconds each) and could be evicted.
+            t = t.clone()
         if t.shape != expected[name]:
             raise RuntimeError(f"{prefix}{name}: shape {tuple(t.shape)} in the checkpoint, "
                                f"{tuple(expected[name])} expected")

@@ -4,6 +4,7 @@ to, and its retry policy moves a request whose encoder died before answering ont
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import threading
 import time
@@ -42,12 +43,31 @@ CHANNEL_ARGS = [
 ]
 
 
+def on_this_host(target: str) -> bool:
+    """Whether every address a gRPC target names is loopback or a unix socket (a name other than
+    localhost is taken as another host)."""
+    if target.startswith("unix:"):
+        return True
+    for scheme in ("ipv4:", "ipv6:", "dns:///", "dns:"):
+        target = target.removeprefix(scheme)
+    hosts = [a[1 : a.index("]")] if a.startswith("[") else a.rpartition(":")[0] or a for a in target.split(",")]
+    return all(h == "localhost" or _loopback(h) for h in hosts)
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class EncoderPool:
     """encode() sends a prompt to the pool's `encoder` model and returns the signed handle; errors
     keep the encoder's code (INVALID_ARG, UNAVAILABLE) and name the pool when it is unreachable."""
 
     def __init__(self, target: str, timeout_s: float = 600.0, wait_s: float = 10.0, model: str = "encoder"):
         self.target, self.timeout_s, self.wait_s, self.model = target, timeout_s, wait_s, model
+        self.on_this_host = on_this_host(target)  # its encoders share our cores
         self.client = grpcclient.InferenceServerClient(target, channel_args=CHANNEL_ARGS)
         self.retries = 0  # encodes sent again after their encoder became unreachable
         self._lock = threading.Lock()

@@ -6,6 +6,8 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from qwen3vl_epd.checkpoint.reader import load_config
 from qwen3vl_epd.errors import EpdError, InvalidInputError, UnavailableError
 from qwen3vl_epd.language.encoder_pool import EncoderPool
@@ -35,7 +37,7 @@ class LanguageService:
 
     def __init__(self, settings: LanguageSettings):
         self.settings = s = settings
-        s.apply_threads()
+        torch.set_num_threads(1)  # loading too: only the engine's thread computes in parallel (engine.take_threads)
         self.model = LanguageModel(s.checkpoint_dir, s.torch_dtype(load_config(s.checkpoint_dir)), s.device)
         self.processor = Processor(s.checkpoint_dir, Limits.of(s))
         self.tokenizer = self.processor.tokenizer
@@ -49,7 +51,9 @@ class LanguageService:
                              alloc_wait_s=s.alloc_wait_s, timeout_s=s.transfer_timeout_s,
                              workers=s.transfer_workers)
         self.grammars = Grammars(self.tokenizer, self.model.config.text_config.vocab_size)
-        self.engine = Engine(self.model, self.puller, self.tokenizer, s, deliver=self._deliver)
+        self.engine = Engine(self.model, self.puller, self.tokenizer, s, deliver=self._deliver,
+                             encoder_busy=lambda: self.encoding > 0 and self.encoders.on_this_host)
+        torch.set_num_threads(1)  # the engine's thread keeps its own; every other thread gets one, no pool
         log.info("language model ready: checkpoint %s, dtype %s, device %s, KV cache %d blocks of %d tokens, "
                  "local pools %s; settings: %s", s.checkpoint_dir, self.model.dtype, s.device, self.engine.kv.num_blocks,
                  self.engine.kv.block_size, self.buffers.capacity(), s.summary())

@@ -16,6 +16,7 @@ from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner, PreparedChunk
 from qwen3vl_epd.language.engine.scheduler import Scheduler
 from qwen3vl_epd.language.engine.sequence import Sequence, Status
+from qwen3vl_epd.language.engine.threads import CoreShare
 from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.request import LanguageRequest, Piece
 from qwen3vl_epd.liveness import Progress
@@ -35,10 +36,10 @@ class Engine:
     """submit() from any thread; the loop thread schedules, pulls, runs, samples and emits."""
 
     def __init__(self, model: LanguageModel, puller: Puller, tokenizer, config: LanguageSettings,
-                 deliver: Callable[[LanguageRequest, Piece], None] | None = None):
-        """`config`: the engine reads kv_cache_tokens, kv_block_size, attention_backend,
-        max_batched_tokens, max_running and max_model_len. `deliver` gets every piece (default:
-        the request's own send)."""
+                 deliver: Callable[[LanguageRequest, Piece], None] | None = None,
+                 encoder_busy: Callable[[], bool] = lambda: False):
+        """`config`: kv_cache, scheduling and thread settings. `deliver` gets every piece (default:
+        the request's send). `encoder_busy`: an encoder on this host works for us (CoreShare)."""
         tc = model.config.text_config
         self.config = config
         self.kv = PagedKVCache(tc.num_hidden_layers, blocks_for(config.kv_cache_tokens, config.kv_block_size),
@@ -49,6 +50,7 @@ class Engine:
         self.runner = ModelRunner(model, choose_backend(config.attention_backend, model.device, model.dtype,
                                                         config.kv_block_size, tc.head_dim))
         self.deliver = deliver or (lambda request, piece: request.send(piece))
+        self.cores = CoreShare(config.torch_threads, encoder_busy)
         self._arrived = threading.Event()  # a transfer ended: wake a step that has nothing to run
         puller.on_arrival = self._arrived.set
         self.output_tokens = 0
@@ -61,8 +63,10 @@ class Engine:
         self._cancels: list[LanguageRequest] = []
         self._wake = threading.Condition()
         self._stopping = False
+        self._threads_taken = threading.Event()  # then others may reset torch's default (take_threads)
         self._thread = threading.Thread(target=self._loop, name="epd-engine", daemon=True)
         self._thread.start()
+        self._threads_taken.wait()
 
     def submit(self, prompt: bytes | str | PromptSource, request: LanguageRequest) -> None:
         """Check the prompt (a handle, opened here, or a PromptSource) against the limits (EpdError
@@ -108,6 +112,8 @@ class Engine:
             return not self._inbox and not self.scheduler.has_work()
 
     def _loop(self) -> None:
+        self.cores.take()
+        self._threads_taken.set()
         while True:
             with self._wake:
                 while not self._inbox and not self._cancels and not self.scheduler.has_work() and not self._stopping:
@@ -186,6 +192,7 @@ class Engine:
         return chunks
 
     def _run(self, chunks: list[PreparedChunk], decodes: list[Sequence]) -> None:
+        self.cores.step()
         self.progress.units = len(decodes) + sum(c.seq.next_chunk_tokens() for c in chunks)
         sampled, logits = self.runner.run(chunks, decodes)
         self.steps += 1

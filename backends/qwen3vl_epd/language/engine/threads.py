@@ -1,0 +1,44 @@
+"""The engine thread's CPU threads: the only thread of the process that computes in parallel, and
+one that leaves a core to an encoder on this host while that works for it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Callable
+
+import torch
+
+# libgomp's, loaded by torch: sets the calling thread's OpenMP count alone (torch.set_num_threads
+# also sets the default every thread that starts using torch later gets).
+_OMP_SET_NUM_THREADS = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+
+
+def take_threads(n: int) -> None:
+    """This thread computes with n torch intra-op threads, kept when another thread then sets the
+    default back to 1 for every thread that starts using torch later (LanguageService does). With
+    libgomp, a second thread's OpenMP pool puts more OpenMP threads than cores in the process, and
+    then every pool spins only briefly between parallel ops and sleeps: each op waits to wake its
+    workers (measured: a decode step 1.3-1.5× slower with an idle pool beside it)."""
+    torch.set_num_threads(n)
+    torch.get_num_threads()  # torch fixes a thread's OpenMP count at its first parallel op, or here
+
+
+class CoreShare:
+    """`threads` (0: one per core) for each step, one fewer while `encoder_busy()`: both processes
+    on every core would stall each parallel op on a thread the other holds (a 2-core host served
+    images at 0.6 of the throughput that way)."""
+
+    def __init__(self, threads: int, encoder_busy: Callable[[], bool] = lambda: False):
+        self.threads = threads or len(os.sched_getaffinity(0))
+        self.encoder_busy, self.current = encoder_busy, self.threads
+
+    def take(self) -> None:
+        """On the engine's thread, before its first step."""
+        take_threads(self.threads)
+
+    def step(self) -> None:
+        want = max(1, self.threads - 1) if self.encoder_busy() else self.threads
+        if want != self.current and _OMP_SET_NUM_THREADS is not None:
+            _OMP_SET_NUM_THREADS(want)
+            self.current = want
