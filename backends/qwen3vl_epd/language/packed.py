@@ -7,9 +7,14 @@ of a one-sequence step, the experts a third of a sixteen-sequence one)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PACK_BATCH = 64  # the batch size oneDNN lays the weights out for; measured good from 1 to 32 rows
+# More rows than this go to F.linear on the plain weight: as fast there (compute-bound), and oneDNN
+# caches a primitive per row count, up to 1024 (LRU_CACHE_CAPACITY): a prefill's arbitrary row
+# counts grew the process by 15% over 200 requests of a soak.
+PACKED_ROWS = 32
 # The experts' dense path computes tokens × experts rows; up to this many it beats a call per
 # expert when the batch reaches most experts (16-expert checkpoint, 2 cores: 0.72 of the time at
 # 16 tokens, 0.76 at 8; not at 1 or 64). A 128-expert top-8 model never takes it: it reaches most
@@ -25,7 +30,9 @@ def _pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH)
 
 
-def _linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _linear(rows: torch.Tensor, packed: torch.Tensor, plain: torch.Tensor, bias: torch.Tensor | None = None):
+    if rows.shape[0] > PACKED_ROWS:
+        return F.linear(rows, plain.detach(), bias)
     return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
 
 
@@ -40,7 +47,8 @@ class PackedLinear(nn.Module):
         self.packed = _pack(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = _linear(x.reshape(-1, self.in_features), self.packed, None if self.bias is None else self.bias.detach())
+        bias = None if self.bias is None else self.bias.detach()
+        out = _linear(x.reshape(-1, self.in_features), self.packed, self.weight, bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -71,7 +79,7 @@ class PackedExperts(nn.Module):
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index / top_k_weights [T, k] → [T, H]: Σ_k weight · expert(hidden)."""
         tokens, k = top_k_index.shape
-        if tokens * k >= self.num_experts and tokens * self.num_experts <= DENSE_EXPERT_ROWS:
+        if tokens * k >= self.num_experts and tokens * self.num_experts <= DENSE_EXPERT_ROWS and tokens <= PACKED_ROWS:
             return self._dense(hidden, top_k_index, top_k_weights)
         return self._routed(hidden, top_k_index, top_k_weights)
 
@@ -79,10 +87,10 @@ class PackedExperts(nn.Module):
         # Every expert on every token, weighted by its routing weight (0 where not routed): the
         # down projection's one product over E·I sums the experts.
         tokens, e, i = hidden.shape[0], self.num_experts, self.intermediate
-        gate_up = _linear(hidden, self.all_gate_up).view(tokens, e, 2 * i)
+        gate_up = _linear(hidden, self.all_gate_up, None).view(tokens, e, 2 * i)
         act = self.act_fn(gate_up[..., :i]) * gate_up[..., i:]
         act *= torch.zeros(tokens, e, dtype=act.dtype).scatter_(1, top_k_index, top_k_weights.to(act.dtype))[..., None]
-        return _linear(act.view(tokens, e * i), self.all_down)
+        return _linear(act.view(tokens, e * i), self.all_down, None)
 
     def _routed(self, hidden, top_k_index, top_k_weights) -> torch.Tensor:
         tokens, k = top_k_index.shape
@@ -93,8 +101,8 @@ class PackedExperts(nn.Module):
         start = 0
         for e, n in enumerate(torch.bincount(experts, minlength=self.num_experts).tolist()):
             if n:
-                gate, up = _linear(rows[start : start + n], self.gate_up[e]).chunk(2, dim=-1)
-                out[start : start + n] = _linear(self.act_fn(gate) * up, self.down[e])
+                gate, up = _linear(rows[start : start + n], self.gate_up[e], self.gate_up_proj[e]).chunk(2, dim=-1)
+                out[start : start + n] = _linear(self.act_fn(gate) * up, self.down[e], self.down_proj[e])
                 start += n
         out *= top_k_weights.flatten()[order, None].to(out.dtype)
         # Back to (token, k) order and summed over k, as transformers' grouped_mm path sums.
