@@ -1,6 +1,8 @@
 """Decode step time on the moderate checkpoint (support/checkpoints.py MODERATE, 325 M) with the
-language model's linear layers packed for oneDNN (language/packed.py) against plain F.linear,
-side by side in alternating rounds, at batch 1, 4 and 16, context 128, one torch thread.
+language model's linear layers and experts packed for oneDNN (language/packed.py) against plain
+F.linear and transformers' grouped_mm, side by side in alternating rounds, at batch 1, 4 and 16,
+context 128 (each sequence its own last token, so the batch reaches the experts it would), one
+torch thread.
 
 Run: .venv/bin/python bench/decode_step.py [--checkpoint DIR] [--steps 20] [--rounds 3]
 """
@@ -27,7 +29,7 @@ BATCHES, CONTEXT = (1, 4, 16), 128
 
 
 def load(checkpoint: str, packed: bool):
-    """The language model with or without packed linears (the switch is language/packed.packable)."""
+    """The language model with or without packed linears and experts (the switch is packed.packable)."""
     original = language_model.packable
     language_model.packable = original if packed else (lambda device, dtype: False)
     try:
