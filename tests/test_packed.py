@@ -1,6 +1,7 @@
 """Packed linear layers and experts (language/packed.py): the same products as transformers' own
 modules, used only where they apply; and the engine's thread alone computing in parallel."""
 
+import os
 import threading
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
 from qwen3vl_epd.language.encoder_pool import on_this_host
-from qwen3vl_epd.language.engine.threads import CoreShare, take_threads
+from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads, take_threads
 from qwen3vl_epd.language.packed import DENSE_EXPERT_ROWS, PACKED_ROWS, PackedExperts, PackedLinear, packable
 
 pytestmark = pytest.mark.unit
@@ -139,3 +140,9 @@ def test_which_encoder_pools_share_this_host():
                                          "ipv6:[::1]:8001", "dns:///localhost:8001", "unix:/tmp/enc.sock"))
     assert not any(on_this_host(t) for t in ("10.0.1.2:8001", "ipv4:127.0.0.1:8001,10.0.2.2:8001", "dns:///enc:8001",
                                              "[2001:db8::1]:8001"))
+
+
+def test_the_engine_splits_only_layers_large_enough_and_a_setting_wins():
+    cores = len(os.sched_getaffinity(0))
+    assert engine_threads(0, PARALLEL_HIDDEN) == cores and engine_threads(0, 64) == 1
+    assert engine_threads(3, 64) == 3

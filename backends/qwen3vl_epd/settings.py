@@ -102,8 +102,8 @@ class EncoderSettings(Settings):
 
 @dataclass
 class LanguageSettings(Settings):
-    # The engine thread's intra-op threads (0: one per core), the only thread here that computes in
-    # parallel; one fewer while an encoder on this host works for it.
+    # The engine thread's intra-op threads (0: one per core, one for a model with hidden size below
+    # 512), the only thread here that computes in parallel; one fewer while a local encoder works.
     torch_threads: int = 0
     allowed_encoder_hosts: list[str] = field(default_factory=list)  # hosts or CIDR; empty: this host only
     # the encoder pool: a gRPC target, e.g. "ipv4:10.0.1.2:8001,10.0.2.2:8001" or "dns:///enc:8001"
