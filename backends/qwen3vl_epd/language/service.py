@@ -37,7 +37,7 @@ class LanguageService:
 
     def __init__(self, settings: LanguageSettings):
         self.settings = s = settings
-        torch.set_num_threads(1)  # loading too: only the engine's thread computes in parallel (engine.take_threads)
+        torch.set_num_threads(1)  # loading too: only the engine thread computes in parallel (engine/threads.py)
         self.model = LanguageModel(s.checkpoint_dir, s.torch_dtype(load_config(s.checkpoint_dir)), s.device)
         self.processor = Processor(s.checkpoint_dir, Limits.of(s))
         self.tokenizer = self.processor.tokenizer
