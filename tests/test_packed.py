@@ -11,7 +11,7 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
 from qwen3vl_epd.language.encoder_pool import on_this_host
-from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads, take_threads
+from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads, mkl_threads, take_threads
 from qwen3vl_epd.language.packed import DENSE_EXPERT_ROWS, PACKED_ROWS, PackedExperts, PackedLinear, packable
 
 pytestmark = pytest.mark.unit
@@ -99,9 +99,9 @@ def test_the_engine_thread_alone_keeps_its_torch_threads():
 
     def engine():
         take_threads(2)
-        seen.append(torch.get_num_threads())
+        seen.append((torch.get_num_threads(), mkl_threads()))
         go.wait()
-        seen.append(torch.get_num_threads())
+        seen.append((torch.get_num_threads(), mkl_threads()))
 
     thread = threading.Thread(target=engine)
     thread.start()
@@ -111,7 +111,8 @@ def test_the_engine_thread_alone_keeps_its_torch_threads():
         torch.set_num_threads(1)
         go.set()
         thread.join()
-        assert seen == [2, 2] and torch.get_num_threads() == 1
+        # MKL too (F.linear above packed.PACKED_ROWS rows): its count is global but for this override
+        assert seen == [(2, 2), (2, 2)] and torch.get_num_threads() == 1 and mkl_threads() == 1
     finally:
         torch.set_num_threads(before)
 
@@ -125,14 +126,14 @@ def test_a_step_leaves_a_core_to_an_encoder_on_this_host_while_it_works():
         for b in (False, True, True, False):
             busy[0] = b
             cores.step()
-            seen.append(torch.get_num_threads())
+            seen.append((torch.get_num_threads(), mkl_threads()))
 
     before = torch.get_num_threads()
     thread = threading.Thread(target=steps)
     thread.start()
     thread.join()
     torch.set_num_threads(before)
-    assert seen == [2, 1, 1, 2]
+    assert seen == [(2, 2), (1, 1), (1, 1), (2, 2)]
 
 
 def test_which_encoder_pools_share_this_host():

@@ -6,12 +6,40 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 # libgomp's, loaded by torch: sets the calling thread's OpenMP count alone (torch.set_num_threads
 # also sets the default every thread that starts using torch later gets).
 _OMP_SET_NUM_THREADS = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)
+
+
+def _mkl(name: str):
+    """An MKL entry point of torch's own (linked into libtorch_cpu, Fortran-style: arguments by
+    reference); None where this torch has none."""
+    try:
+        return getattr(ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")), name)
+    except (OSError, AttributeError):
+        return None
+
+
+# MKL keeps its own count, global but for a thread-local override: the F.linear of more rows than
+# packed.PACKED_ROWS (prefill) ran on one thread in the engine after the others' reset to 1.
+_MKL_SET_LOCAL, _MKL_MAX_THREADS = _mkl("mkl_set_num_threads_local"), _mkl("mkl_get_max_threads")
+
+
+def set_thread_count(n: int) -> None:
+    """OpenMP's and MKL's counts for the calling thread alone."""
+    if _OMP_SET_NUM_THREADS is not None:
+        _OMP_SET_NUM_THREADS(n)
+    if _MKL_SET_LOCAL is not None:
+        _MKL_SET_LOCAL(ctypes.byref(ctypes.c_int(n)))
+
+
+def mkl_threads() -> int | None:
+    """MKL's count for the calling thread."""
+    return _MKL_MAX_THREADS() if _MKL_MAX_THREADS is not None else None
 # Below this hidden size a layer's products are too small to split: the embedded tiny checkpoint
 # (64) served 10-20% fewer tokens/s on two threads than on one, the 325 M one (768) 20-35% more.
 PARALLEL_HIDDEN = 512
@@ -32,6 +60,7 @@ def take_threads(n: int) -> None:
     workers (measured: a decode step 1.3-1.5× slower with an idle pool beside it)."""
     torch.set_num_threads(n)
     torch.get_num_threads()  # torch fixes a thread's OpenMP count at its first parallel op, or here
+    set_thread_count(n)
 
 
 class CoreShare:
@@ -49,6 +78,6 @@ class CoreShare:
 
     def step(self) -> None:
         want = max(1, self.threads - 1) if self.encoder_busy() else self.threads
-        if want != self.current and _OMP_SET_NUM_THREADS is not None:
-            _OMP_SET_NUM_THREADS(want)
+        if want != self.current:
+            set_thread_count(want)
             self.current = want
