@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "tiny"))
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # as the encoder model runs (config.pbtxt torch_threads)
+    torch.set_num_threads(1)  # as the encoder runs beside a busy language model (config.pbtxt torch_threads 0)
     inputs = {"clip": make_clip(frames=40, rate=4, width=640, height=480), "image": same_pixels_image()}
     processor, encoder = Processor(args.checkpoint), VisionEncoder(args.checkpoint)
     encode, ttft, staged, tokens = {k: [] for k in inputs}, {k: [] for k in inputs}, {}, {}

@@ -2,7 +2,10 @@
 modules, used only where they apply; and the engine's thread alone computing in parallel."""
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,10 @@ import torch
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
+from qwen3vl_epd.cpu_threads import cores, idle_cores, mkl_threads, procs_running, take_threads
+from qwen3vl_epd.encoder.service import batch_threads
 from qwen3vl_epd.language.encoder_pool import on_this_host
-from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads, mkl_threads, take_threads
+from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads
 from qwen3vl_epd.language.packed import DENSE_EXPERT_ROWS, PACKED_ROWS, PackedExperts, PackedLinear, packable
 
 pytestmark = pytest.mark.unit
@@ -147,3 +152,17 @@ def test_the_engine_splits_only_layers_large_enough_and_a_setting_wins():
     cores = len(os.sched_getaffinity(0))
     assert engine_threads(0, PARALLEL_HIDDEN) == cores and engine_threads(0, 64) == 1
     assert engine_threads(3, 64) == 3
+
+
+def test_an_encoder_batch_takes_the_cores_the_host_leaves_idle():
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores())]
+    try:
+        deadline = time.monotonic() + 30
+        while procs_running() - 1 < cores() and time.monotonic() < deadline:  # until they all spin
+            time.sleep(0.05)
+        assert idle_cores() == 0 and batch_threads(0) == 1
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert batch_threads(3) == 3

@@ -22,7 +22,6 @@ class Settings:
     checkpoint: str = ""  # empty: the embedded tiny checkpoint
     dtype: str = "auto"  # auto: the checkpoint's dtype
     device: str = "cpu"
-    torch_threads: int = 1  # intra-op threads of this model process; 0: torch's default (one per core)
     # Mooncake
     mooncake_host: str = "127.0.0.1"  # the address peers reach this process at; "auto": the default route's
     mooncake_protocol: str = "tcp"
@@ -58,12 +57,6 @@ class Settings:
                 values[key] = _convert(kind, text, ENV_PREFIX + key.upper())
         return cls(**values)
 
-    def apply_threads(self) -> None:
-        import torch  # here, not at the top: the `complete` model's process never needs torch
-
-        if self.torch_threads > 0:
-            torch.set_num_threads(self.torch_threads)
-
     @property
     def checkpoint_dir(self) -> str:
         return self.checkpoint or str(DEFAULT_CHECKPOINT)
@@ -84,6 +77,9 @@ class Settings:
 
 @dataclass
 class EncoderSettings(Settings):
+    # The vision tower's intra-op threads (0: for each batch, the cores no other task on the host
+    # wants as it starts, at least one: both while the language model waits, one beside its steps).
+    torch_threads: int = 0
     num_token_blocks: int = 512
     num_visual_blocks: int = 256
     num_slots: int = 64
