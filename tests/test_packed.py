@@ -15,9 +15,10 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTex
 
 from qwen3vl_epd.cpu_threads import cores, idle_cores, mkl_threads, procs_running, take_threads
 from qwen3vl_epd.encoder.service import batch_threads
-from qwen3vl_epd.language.encoder_pool import on_this_host
+from qwen3vl_epd.language.encoder_pool import EncoderPool, on_this_host
 from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads
 from qwen3vl_epd.language.packed import DENSE_EXPERT_ROWS, PACKED_ROWS, PackedExperts, PackedLinear, packable
+from qwen3vl_epd.prompt.video_processing import VideoOptions
 
 pytestmark = pytest.mark.unit
 
@@ -161,8 +162,22 @@ def test_an_encoder_batch_takes_the_cores_the_host_leaves_idle():
         while procs_running() - 1 < cores() and time.monotonic() < deadline:  # until they all spin
             time.sleep(0.05)
         assert idle_cores() == 0 and batch_threads(0) == 1
+        assert batch_threads(0, language_idle=True) == cores()  # its own language server's word
     finally:
         for p in spinners:
             p.kill()
             p.wait()
     assert batch_threads(3) == 3
+
+
+def test_a_language_server_tells_only_an_encoder_on_its_host_that_it_is_idle():
+    def sent(target: str, idle: bool) -> dict:
+        pool = EncoderPool(target)  # no request is sent: the inputs are only built
+        try:
+            return {t.name(): t for t in pool.inputs("hi", [], False, [], VideoOptions(), idle)}
+        finally:
+            pool.close()
+
+    assert bool(sent("127.0.0.1:8001", True)["language_idle"]._raw_content[0])
+    assert not bool(sent("127.0.0.1:8001", False)["language_idle"]._raw_content[0])
+    assert "language_idle" not in sent("192.0.2.1:8001", True)  # TEST-NET: another host's encoders

@@ -122,8 +122,10 @@ def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
         outcomes = iter(outcomes)
         service = object.__new__(LanguageService)  # only the request's path, none of the model
         service.encoding, service._lock = 0, threading.Lock()
-        service.encoders = SimpleNamespace(encode=lambda *a: encodes.append(a) or b"handle", count_retry=lambda: None)
-        service.engine = SimpleNamespace(submit=lambda handle, request: service._deliver(request, next(outcomes)))
+        service.encoders = SimpleNamespace(encode=lambda *a, **k: encodes.append(a) or b"handle",
+                                           count_retry=lambda: None)
+        service.engine = SimpleNamespace(submit=lambda handle, request: service._deliver(request, next(outcomes)),
+                                         idle=lambda: True)
         with ThreadPoolExecutor(1) as workers:
             service.encode_workers = workers
             request = LanguageRequest(None, lambda piece: seen.append(piece) or told.set(),

@@ -36,7 +36,8 @@ _DTYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32
            "ignore_eos": ("BOOL", np.bool_), "stream": ("BOOL", np.bool_),
            "logprobs": ("INT32", np.int32), "presence_penalty": ("FP32", np.float32),
            "frequency_penalty": ("FP32", np.float32), "repetition_penalty": ("FP32", np.float32),
-           "video_fps": ("FP32", np.float32), "video_frames": ("INT32", np.int32)}
+           "video_fps": ("FP32", np.float32), "video_frames": ("INT32", np.int32),
+           "language_idle": ("BOOL", np.bool_)}
 
 
 def coded_message(message: str, code: str) -> str:

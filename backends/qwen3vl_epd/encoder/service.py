@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qwen3vl_epd.cpu_threads import idle_cores, set_thread_count
+from qwen3vl_epd.cpu_threads import cores, idle_cores, set_thread_count
 from qwen3vl_epd.encoder.cache import EncoderCache
 from qwen3vl_epd.encoder.vision import VisionEncoder
 from qwen3vl_epd.errors import EpdError, InvalidInputError
@@ -41,6 +41,7 @@ class EncodeJob:
     sampling: dict = field(default_factory=dict)  # checked here so a bad request costs no image work
     videos: list[bytes] = field(default_factory=list)
     video_options: VideoOptions = field(default_factory=VideoOptions)
+    language_idle: bool = False  # its language server, on this host, computed nothing as it sent this
 
 
 def trim_heap() -> None:
@@ -51,11 +52,15 @@ def trim_heap() -> None:
         _LIBC.malloc_trim(0)
 
 
-def batch_threads(setting: int) -> int:
-    """A batch's threads: `setting`, or for 0 the cores idle as it starts (at least one). Alone on
-    a 2-core host the tower encodes in 0.45 s on two threads against 1.0 s on one; beside a busy
-    language model on the same cores, two threads each would stall each other's parallel ops."""
-    return setting or max(1, idle_cores())
+def batch_threads(setting: int, language_idle: bool = False) -> int:
+    """A batch's threads: `setting`, or for 0 every core when its senders computed nothing, else
+    the cores idle as it starts (at least one). Alone on a 2-core host the tower encodes in 0.45 s
+    on two threads against 1.0 s on one; beside a busy language model on the same cores, two
+    threads each would stall each other's parallel ops. The senders' word counts because the
+    host's own count of running tasks includes the client and the door handing the request on."""
+    if setting:
+        return setting
+    return cores() if language_idle else max(1, idle_cores())
 
 
 def check_request(text: str | None, sampling: dict, settings: Settings | None = None) -> None:
@@ -110,11 +115,11 @@ class EncoderService:
     def encode(self, jobs: list[EncodeJob]) -> list[bytes | EpdError]:
         """Handles (or errors) for a batch: one packed vision forward; a bad request fails alone."""
         t0 = time.perf_counter()
-        set_thread_count(batch_threads(self.settings.torch_threads))
+        s = self.settings
+        set_thread_count(batch_threads(s.torch_threads, bool(jobs) and all(j.language_idle for j in jobs)))
         self.progress.begin()
         results: list[bytes | EpdError | None] = [None] * len(jobs)
         processed = {}
-        s = self.settings
         for i, r in enumerate(jobs):
             try:
                 check_request(r.text, r.sampling, s)

@@ -73,9 +73,10 @@ class EncoderPool:
         self._lock = threading.Lock()
 
     def encode(self, text: str, images: list[bytes], raw_prompt: bool = False, videos: list[bytes] = (),
-               options: VideoOptions = VideoOptions()) -> bytes:
-        fields = {"raw_prompt": raw_prompt, "video_fps": options.fps, "video_frames": options.num_frames}
-        inputs = request_inputs(text, images, None, fields, videos)
+               options: VideoOptions = VideoOptions(), language_idle: bool = False) -> bytes:
+        """`language_idle`: the sender computes nothing now (told only to an encoder on this host,
+        which may then take every core)."""
+        inputs = self.inputs(text, images, raw_prompt, videos, options, language_idle)
         deadline = time.monotonic() + self.wait_s
         while True:
             self._wait_ready(deadline)
@@ -88,6 +89,12 @@ class EncoderPool:
                     self.count_retry()
                     continue
                 raise self._error(e) from None
+
+    def inputs(self, text: str, images: list[bytes], raw_prompt: bool, videos: list[bytes], options: VideoOptions,
+               language_idle: bool) -> list:
+        fields = {"raw_prompt": raw_prompt, "video_fps": options.fps, "video_frames": options.num_frames,
+                  "language_idle": language_idle if self.on_this_host else None}
+        return request_inputs(text, images, None, fields, videos)
 
     def count_retry(self) -> None:
         with self._lock:

@@ -121,7 +121,7 @@ class LanguageService:
                 return
             inputs = request.inputs
             handle = self.encoders.encode(inputs.text, inputs.images, inputs.raw_prompt, inputs.videos,
-                                          inputs.video_options)
+                                          inputs.video_options, language_idle=self.engine.idle())
             request.phase = Phase.ENGINE
             self.engine.submit(handle, request)
         except EpdError as e:

@@ -34,7 +34,7 @@ class TritonPythonModel:
             try:
                 job = EncodeJob(text_field(get, "text_input"), byte_items(get("image")),
                                 bool(first(get("raw_prompt")) or False), sampling_fields(get), byte_items(get("video")),
-                                video_options(get))
+                                video_options(get), bool(first(get("language_idle")) or False))
                 parsed.append((i, job))
             except EpdError as e:
                 responses[i] = ta.exception_response(e)
