@@ -77,8 +77,8 @@ class Settings:
 
 @dataclass
 class EncoderSettings(Settings):
-    # The vision tower's intra-op threads (0: for each batch, the cores no other task on the host
-    # wants as it starts, at least one: both while the language model waits, one beside its steps).
+    # The vision tower's intra-op threads (0: for each batch, every core when its language servers
+    # on this host computed nothing as they sent it, else the cores the host leaves idle, at least one).
     torch_threads: int = 0
     num_token_blocks: int = 512
     num_visual_blocks: int = 256
