@@ -116,8 +116,9 @@ def test_a_clip_packs_with_images_in_one_tower_forward(prompts, encoder):
     both = encoder.encode([prompts["clip_and_image"], prompts["two_clips"]])
     for b, key in zip(both, ["clip_and_image", "two_clips"]):
         alone = encoder.encode([prompts[key]])[0]
-        torch.testing.assert_close(b.embeddings, alone.embeddings, atol=1e-5, rtol=0)
-        torch.testing.assert_close(b.deepstack, alone.deepstack, atol=1e-5, rtol=0)
+        # a batch's products round differently from one prompt's (relative 1e-5); a wrong row is off by O(1)
+        torch.testing.assert_close(b.embeddings, alone.embeddings, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.deepstack, alone.deepstack, atol=1e-5, rtol=1e-5)
 
 
 def test_the_encoder_cache_and_prefix_hashes_key_a_clip_by_content_and_sampling(checkpoint, encoder):

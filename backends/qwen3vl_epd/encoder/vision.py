@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from qwen3vl_epd.checkpoint.architecture import architecture
 from qwen3vl_epd.checkpoint.reader import VISION_PREFIX, CheckpointReader, load_config, load_module
 from qwen3vl_epd.encoder.cache import EncoderCache
 from qwen3vl_epd.prompt.encoded import CachedImage, EncodedPrompt
 from qwen3vl_epd.prompt.processed import ProcessedPrompt, VisualItem
+
+
+class LinearPatchEmbed(nn.Module):
+    """The patch embedding's Conv3d as one matrix product: its kernel equals its stride, so each
+    flattened patch meets the flattened kernel once. oneDNN's 3-D convolution ran it at a sixth of
+    the speed (57 of 487 ms of a 640x480 image on one core); `proj` stays, with its state dict."""
+
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.proj = embed.proj
+        assert list(self.proj.kernel_size) == list(self.proj.stride), "a patch embedding whose kernel is its stride"
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight
+        return F.linear(pixels.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
 
 
 class VisionEncoder:
@@ -26,6 +43,7 @@ class VisionEncoder:
             visual = architecture(self.config, checkpoint_dir).vision_model._from_config(vc, dtype=dtype)
         if not random_weights:
             load_module(visual, CheckpointReader(checkpoint_dir), VISION_PREFIX, dtype, self.device)
+        visual.patch_embed = LinearPatchEmbed(visual.patch_embed)
         self.visual = visual.eval()
         self.merge_unit = vc.spatial_merge_size**2
         self.images_encoded = 0  # images and clips through the vision tower (cache hits and repeats are not)
