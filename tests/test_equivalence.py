@@ -4,6 +4,7 @@ import pytest
 import torch
 from reference import reference_greedy, reference_logits
 
+from qwen3vl_epd.encoder.vision import LinearPatchEmbed
 from qwen3vl_epd.language.sampling import SamplingParams
 from support.prompts import IMAGE_TOKEN_ID, TOL, prompt_inputs
 
@@ -95,5 +96,6 @@ def test_patch_embedding_as_one_product_equals_the_convolution(prompts, encoder)
     """LinearPatchEmbed against the checkpoint's own Conv3d, on the patches of a real image: equal
     up to float32 summation order over 1536 products (the full model's equality is asserted above)."""
     embed, pixels = encoder.visual.patch_embed, prompts["landscape"].pixel_values
+    assert isinstance(embed, LinearPatchEmbed)
     conv = embed.proj(pixels.view(-1, embed.proj.in_channels, *embed.proj.kernel_size)).flatten(1)
     torch.testing.assert_close(embed(pixels), conv, atol=5e-5, rtol=1e-5)

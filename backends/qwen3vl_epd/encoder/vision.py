@@ -21,7 +21,11 @@ class LinearPatchEmbed(nn.Module):
     def __init__(self, embed: nn.Module):
         super().__init__()
         self.proj = embed.proj
-        assert list(self.proj.kernel_size) == list(self.proj.stride), "a patch embedding whose kernel is its stride"
+
+    @staticmethod
+    def fits(embed: nn.Module) -> bool:
+        proj = getattr(embed, "proj", None)
+        return isinstance(proj, nn.Conv3d) and list(proj.kernel_size) == list(proj.stride) and proj.groups == 1
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
@@ -43,7 +47,8 @@ class VisionEncoder:
             visual = architecture(self.config, checkpoint_dir).vision_model._from_config(vc, dtype=dtype)
         if not random_weights:
             load_module(visual, CheckpointReader(checkpoint_dir), VISION_PREFIX, dtype, self.device)
-        visual.patch_embed = LinearPatchEmbed(visual.patch_embed)
+        if LinearPatchEmbed.fits(visual.patch_embed):
+            visual.patch_embed = LinearPatchEmbed(visual.patch_embed)
         self.visual = visual.eval()
         self.merge_unit = vc.spatial_merge_size**2
         self.images_encoded = 0  # images and clips through the vision tower (cache hits and repeats are not)

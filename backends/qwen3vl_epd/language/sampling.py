@@ -150,7 +150,7 @@ class Sampler:
 
 
 def sample_rows(logits: torch.Tensor, samplers: list[Sampler], masked: dict | None = None) -> torch.Tensor:
-    """Row i's next token by samplers[i], all on the logits' device: greedy rows in one argmax;
+    """Row i's next token by samplers[i], all on the logits' device: greedy rows in one max;
     `masked`: row i's logits with what its grammar forbids at -inf, to sample from instead."""
     tokens = logits.max(-1).indices  # the first maximum, as argmax gives, at a third of its time on CPU
     masked = masked or {}
