@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--checkpoints", default="tiny,moderate")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--workloads", default="text,image")
-    ap.add_argument("--clients", default="vllm,aiperf", help="load generators: vllm (vllm bench serve), aiperf")
+    ap.add_argument("--clients", default="vllm", help="load generators, in turn: vllm (vllm bench serve), aiperf")
     args = ap.parse_args()
     clients = args.clients.split(",")
     binaries = {"vllm": vllm_venv(), "aiperf": aiperf_venv() if "aiperf" in clients else None}
