@@ -157,6 +157,7 @@ def reference_answers(checkpoint: Path) -> dict:
 def vllm_bench(binary: Path, base: str, model: str, tokenizer: Path, workload: str, concurrency: int,
                out: Path) -> dict:
     """One `vllm bench serve` run: output tok/s, TTFT p50 / p99 and ITL p50 in ms."""
+    result = out.with_name(out.name + ".json")
     data = ["--dataset-name", "random"] if workload == "text" else [
         "--dataset-name", "random-mm", "--random-mm-base-items-per-request", "1",
         "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}', "--random-mm-bucket-config",
@@ -165,10 +166,10 @@ def vllm_bench(binary: Path, base: str, model: str, tokenizer: Path, workload: s
                     "--endpoint", "/v1/chat/completions", "--model", model, "--tokenizer", str(tokenizer), *data,
                     "--random-input-len", "64", "--random-output-len", "64", "--ignore-eos", "--temperature", "0",
                     "--num-prompts", str(prompts(concurrency)), "--max-concurrency", str(concurrency), "--seed", "0",
-                    "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name + ".json"],
+                    "--save-result", "--result-dir", str(out.parent), "--result-filename", result.name],
                    check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    r = json.loads(out.with_name(out.name + ".json").read_text())
+    r = json.loads(result.read_text())
     return {"tok_s": r["output_throughput"], "ttft_p50": r["median_ttft_ms"], "ttft_p99": r["p99_ttft_ms"],
             "itl_p50": r["median_itl_ms"]}
 
