@@ -13,12 +13,14 @@ import torch
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
-from qwen3vl_epd.cpu_threads import cores, idle_cores, mkl_threads, procs_running, take_threads
-from qwen3vl_epd.encoder.service import batch_threads
+from qwen3vl_epd.cpu_threads import cores, idle_cores, mkl_threads, procs_running, set_thread_count, take_threads
+from qwen3vl_epd.encoder.service import batch_threads, yield_cores
+from qwen3vl_epd.encoder.vision import VisionEncoder
 from qwen3vl_epd.language.encoder_pool import EncoderPool, on_this_host
 from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads
 from qwen3vl_epd.language.packed import DENSE_EXPERT_ROWS, PACKED_ROWS, PackedExperts, PackedLinear, packable
 from qwen3vl_epd.prompt.video_processing import VideoOptions
+from support.prompts import prompt_inputs
 
 pytestmark = pytest.mark.unit
 
@@ -168,6 +170,40 @@ def test_an_encoder_batch_takes_the_cores_the_host_leaves_idle():
             p.kill()
             p.wait()
     assert batch_threads(3) == 3
+
+
+def test_an_encoder_batch_on_every_core_gives_cores_back_when_others_start():
+    seen = {}
+
+    def batch():  # a thread of its own: its OpenMP count is its own
+        set_thread_count(2)
+        yield_cores()  # nothing else wants the cores: it keeps them
+        seen["alone"] = torch.get_num_threads()
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores())]
+        try:
+            deadline = time.monotonic() + 30
+            while procs_running() - 1 < cores() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            yield_cores()
+            seen["beside"] = torch.get_num_threads()
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait()
+
+    worker = threading.Thread(target=batch)
+    worker.start()
+    worker.join()
+    assert seen["beside"] == 1
+    if idle_cores() >= 2:  # the host's other tasks can take the cores this test would leave idle
+        assert seen["alone"] == 2
+
+
+def test_the_vision_tower_calls_back_before_each_block(checkpoint, processor):
+    calls = []
+    encoder = VisionEncoder(checkpoint, between_blocks=lambda: calls.append(1))
+    encoder.encode([processor.process(*prompt_inputs("landscape"))])
+    assert len(calls) == len(encoder.visual.blocks) > 0
 
 
 def test_a_language_server_tells_only_an_encoder_on_its_host_that_it_is_idle():

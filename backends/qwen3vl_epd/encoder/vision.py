@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,8 +38,9 @@ class VisionEncoder:
     """Loads only `model.visual.*` and turns processed prompts into EncodedPrompts."""
 
     def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                 random_weights: bool = False):
-        """`random_weights`: made on the device from the config alone (bench/gpu.py's real shapes)."""
+                 random_weights: bool = False, between_blocks: Callable[[], None] | None = None):
+        """`random_weights`: made on the device from the config alone (bench/gpu.py's real shapes).
+        `between_blocks`: called before each transformer block of the tower (EncoderService's yield_cores)."""
         self.config = load_config(checkpoint_dir)
         self.dtype, self.device = dtype, torch.device(device)
         vc = self.config.vision_config
@@ -50,6 +53,9 @@ class VisionEncoder:
         if LinearPatchEmbed.fits(visual.patch_embed):
             visual.patch_embed = LinearPatchEmbed(visual.patch_embed)
         self.visual = visual.eval()
+        if between_blocks is not None:
+            for block in visual.blocks:
+                block.register_forward_pre_hook(lambda module, args: between_blocks())
         self.merge_unit = vc.spatial_merge_size**2
         self.images_encoded = 0  # images and clips through the vision tower (cache hits and repeats are not)
 
