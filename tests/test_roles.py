@@ -68,6 +68,8 @@ def test_gpu_configuration_is_generated_not_edited(tmp_path):
     language = LanguageSettings.from_parameters(pbtxt_parameters(repo / "language" / "config.pbtxt"), env={})
     assert language.kv_block_size == 256 and choose_backend(language.attention_backend, torch.device("cuda:1"),
                                                             torch.bfloat16, 256, 128) == "flash"
+    assert "preferred_batch_size: [ 1 ]" in before[MODEL_REPOSITORY / "encoder" / "config.pbtxt"]
+    assert "preferred_batch_size" not in (repo / "encoder" / "config.pbtxt").read_text()  # a GPU batches
     assert (repo / "complete" / "config.pbtxt").read_text() == before[MODEL_REPOSITORY / "complete" / "config.pbtxt"]
     assert (repo / "ensemble" / "config.pbtxt").exists()
     argv, _ = command(work_dir=tmp_path, device="cuda:1")

@@ -55,13 +55,14 @@ CPU_INSTANCES = "instance_group [ { count: 1 kind: KIND_CPU } ]"
 CPU_DEVICE = 'parameters { key: "device" value: { string_value: "cpu" } }'
 CPU_KV_BLOCK = 'parameters { key: "kv_block_size" value: { string_value: "16" } }'
 CUDA_KV_BLOCK = 'parameters { key: "kv_block_size" value: { string_value: "256" } }'  # FlashAttention-2's paged unit
+CPU_ENCODER_BATCH = "  preferred_batch_size: [ 1 ]\n"
 
 
 def device_repository(device: str, work_dir: Path, source: Path = MODEL_REPOSITORY) -> Path:
     """The model repository for `device`: the source itself for cpu; for cuda[:N] a generated one
     under work_dir whose encoder and language run as KIND_GPU instances on GPU N with device
-    cuda:N and KV blocks of 256 tokens for the paged flash attention (config.pbtxt rewritten,
-    version directories linked: the same model.py files)."""
+    cuda:N, KV blocks of 256 tokens for the paged flash attention and encoder batches of any size up
+    to max_batch_size (config.pbtxt rewritten, version directories linked: the same model.py files)."""
     if device == "cpu":
         return source
     if not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
@@ -75,7 +76,7 @@ def device_repository(device: str, work_dir: Path, source: Path = MODEL_REPOSITO
         if CPU_DEVICE in config:  # the models that run torch
             config = config.replace(CPU_INSTANCES, f"instance_group [ {{ count: 1 kind: KIND_GPU gpus: [ {gpu} ] }} ]")
             config = config.replace(CPU_DEVICE, f'parameters {{ key: "device" value: {{ string_value: "cuda:{gpu}" }} }}')
-            config = config.replace(CPU_KV_BLOCK, CUDA_KV_BLOCK)
+            config = config.replace(CPU_KV_BLOCK, CUDA_KV_BLOCK).replace(CPU_ENCODER_BATCH, "")
         (target / "config.pbtxt").write_text(config)
         for version in (d for d in model.iterdir() if d.is_dir() and d.name.isdigit()):
             _link(version.resolve(), target / version.name)
