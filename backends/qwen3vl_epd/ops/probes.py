@@ -40,7 +40,7 @@ def _encoder_probe(client, timeout_s: float) -> None:
 
     try:
         client.infer("encoder", request_inputs("probe", [b"not an image"], None, {}),
-                     request_id=PROBE_ID_PREFIX + "encoder", client_timeout=timeout_s, priority=1)
+                     request_id=PROBE_ID_PREFIX + "encoder", client_timeout=timeout_s)
     except InferenceServerException as e:
         if "cannot decode image" in (e.message() or ""):
             return
