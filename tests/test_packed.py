@@ -144,6 +144,28 @@ def test_a_step_leaves_a_core_to_an_encoder_on_this_host_while_it_works():
     assert seen == [(2, 2), (1, 1), (1, 1), (2, 2)]
 
 
+def test_the_head_of_a_step_too_small_to_split_takes_every_core_but_one_an_encoder_uses():
+    busy, seen = [False], []
+    cores = CoreShare(1, lambda: busy[0], head_threads=2)
+
+    def steps():
+        cores.take()
+        for b in (False, True):
+            busy[0] = b
+            cores.step()
+            with cores.head():
+                seen.append((torch.get_num_threads(), mkl_threads()))
+            seen.append((torch.get_num_threads(), mkl_threads()))
+
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=steps)
+    thread.start()
+    thread.join()
+    torch.set_num_threads(before)
+    assert seen == [(2, 2), (1, 1), (1, 1), (1, 1)]
+    assert engine_threads(0, 64) == 1 and engine_threads(0, PARALLEL_HIDDEN) == len(os.sched_getaffinity(0))
+
+
 def test_which_encoder_pools_share_this_host():
     assert all(on_this_host(t) for t in ("127.0.0.1:8001", "localhost:8001", "ipv4:127.0.0.1:8001,127.0.0.2:9001",
                                          "ipv6:[::1]:8001", "dns:///localhost:8001", "unix:/tmp/enc.sock"))

@@ -125,7 +125,12 @@ class LanguageModel:
         return embeds, visual_index
 
     @torch.inference_mode()
-    def forward(
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """The logits at logits_index of hidden(...)."""
+        return self.lm_head(self.hidden(*args, **kwargs))
+
+    @torch.inference_mode()
+    def hidden(
         self,
         embeds: torch.Tensor,
         positions: torch.Tensor,
@@ -134,8 +139,8 @@ class LanguageModel:
         deepstack: torch.Tensor | None = None,
         logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Flat batch: embeds [N, H], positions [3, N] (long), all on the device; logits at
-        logits_index. Nothing here reads or copies host data (device discipline)."""
+        """Flat batch: embeds [N, H], positions [3, N] (long), all on the device; the final normed
+        hidden states at logits_index. Nothing here reads or copies host data (device discipline)."""
         x = embeds.to(self.dtype)
         cos, sin = self.model.rotary_emb(x, positions[:, None, :])
         for i, layer in enumerate(self.model.layers):
@@ -144,8 +149,7 @@ class LanguageModel:
             if deepstack is not None and i < self.num_deepstack and visual_index.numel():
                 h = self.hidden_size
                 x.index_add_(0, visual_index, deepstack[:, i * h : (i + 1) * h].to(self.dtype))
-        x = self.model.norm(x if logits_index is None else x.index_select(0, logits_index))
-        return self.lm_head(x)
+        return self.model.norm(x if logits_index is None else x.index_select(0, logits_index))
 
     def _attention(self, layer, layer_idx, h, cos, sin, attention: Attention) -> torch.Tensor:
         attn = layer.self_attn

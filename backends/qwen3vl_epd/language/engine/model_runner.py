@@ -6,7 +6,9 @@ sampled ids (host_tokens)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +38,10 @@ def host_tokens(values: torch.Tensor) -> list:
 
 
 class ModelRunner:
-    def __init__(self, model: LanguageModel, attention_backend: str = "sdpa"):
-        self.model, self.attention_backend = model, attention_backend
+    def __init__(self, model: LanguageModel, attention_backend: str = "sdpa",
+                 head_threads: Callable[[], AbstractContextManager] = nullcontext):
+        """`head_threads`: entered around the lm_head and sampling (CoreShare.head)."""
+        self.model, self.attention_backend, self.head_threads = model, attention_backend, head_threads
         self.to_host = host_tokens
         self._masks = ThreadPoolExecutor(1, thread_name_prefix="epd-grammar")  # beside the forward
         self._pending: Future | None = None
@@ -89,13 +93,19 @@ class ModelRunner:
             self._pending = self._masks.submit(fill_masks, constrained, rows, unpack)
         attention = step_attention(self.attention_backend, decodes[0].kv.cache if decodes else prefills[0].seq.kv.cache,
                                    [(p.seq.kv, p.rows.length) for p in prefills], [s.kv for s in decodes])
-        logits = m.forward(torch.cat(embeds), positions, attention, rest[:n_vis], ds, rest[n_vis:])
+        hidden = m.hidden(torch.cat(embeds), positions, attention, rest[:n_vis], ds, rest[n_vis:])
+        with self.head_threads():
+            logits = m.lm_head(hidden)
         return [seq for seq, _ in wanted], logits
 
     @torch.inference_mode()
     def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
         """Every row's next token, sampled on the device, and for the rows that ask, (logprob,
         [(id, logprob)] of the most likely): read back in one synchronisation."""
+        with self.head_threads():
+            return self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
         masked = {}
         if self._pending is not None:
             masks, self._pending = to_device(self._pending.result(), logits.device), None
