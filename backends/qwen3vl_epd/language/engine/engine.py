@@ -16,7 +16,7 @@ from qwen3vl_epd.language.engine.kv_cache import PagedKVCache
 from qwen3vl_epd.language.engine.model_runner import ModelRunner, PreparedChunk
 from qwen3vl_epd.language.engine.scheduler import Scheduler
 from qwen3vl_epd.language.engine.sequence import Sequence, Status
-from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads
+from qwen3vl_epd.language.engine.threads import CoreShare
 from qwen3vl_epd.language.model import LanguageModel
 from qwen3vl_epd.language.request import LanguageRequest, Piece
 from qwen3vl_epd.liveness import Progress
@@ -47,8 +47,7 @@ class Engine:
                                prefix_caching=config.prefix_cache)
         self.model, self.puller, self.tokenizer = model, puller, tokenizer
         self.scheduler = Scheduler(self.kv, config, model.eos_ids)
-        self.cores = CoreShare(engine_threads(config.torch_threads, tc.hidden_size), encoder_busy,
-                               engine_threads(config.torch_threads, PARALLEL_HIDDEN))
+        self.cores = CoreShare.of(config.torch_threads, tc.hidden_size, encoder_busy)
         self.runner = ModelRunner(model, choose_backend(config.attention_backend, model.device, model.dtype,
                                                         config.kv_block_size, tc.head_dim), self.cores.head)
         self.deliver = deliver or (lambda request, piece: request.send(piece))

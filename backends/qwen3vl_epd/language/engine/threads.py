@@ -30,6 +30,11 @@ class CoreShare:
         self.threads, self.head_threads = threads, head_threads or threads
         self.encoder_busy, self.current, self.sharing = encoder_busy, self.threads, False
 
+    @classmethod
+    def of(cls, setting: int, hidden_size: int, encoder_busy: Callable[[], bool] = lambda: False) -> CoreShare:
+        """For a model of `hidden_size` and the `torch_threads` setting (engine_threads)."""
+        return cls(engine_threads(setting, hidden_size), encoder_busy, engine_threads(setting, PARALLEL_HIDDEN))
+
     def take(self) -> None:
         """On the engine's thread, before its first step."""
         take_threads(self.threads)
