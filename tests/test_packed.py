@@ -14,7 +14,7 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextExperts
 
 from qwen3vl_epd.cpu_threads import cores, idle_cores, mkl_threads, procs_running, set_thread_count, take_threads
-from qwen3vl_epd.encoder.service import batch_threads, yield_cores
+from qwen3vl_epd.encoder.service import BlockPace, batch_threads
 from qwen3vl_epd.encoder.vision import VisionEncoder
 from qwen3vl_epd.language.encoder_pool import EncoderPool, on_this_host
 from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads
@@ -194,31 +194,36 @@ def test_an_encoder_batch_takes_the_cores_the_host_leaves_idle():
     assert batch_threads(3) == 3
 
 
-def test_an_encoder_batch_on_every_core_gives_cores_back_when_others_start():
-    seen = {}
+def test_an_encoder_batch_whose_blocks_slow_down_gives_a_core_back():
+    seen, now = [], [0.0]
+    pace = BlockPace(clock=lambda: now[0])
 
-    def batch():  # a thread of its own: its OpenMP count is its own
+    def batch(block_seconds: list[float]) -> int:
         set_thread_count(2)
-        yield_cores()  # nothing else wants the cores: it keeps them
-        seen["alone"] = torch.get_num_threads()
-        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores())]
-        try:
-            deadline = time.monotonic() + 30
-            while procs_running() - 1 < cores() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            yield_cores()
-            seen["beside"] = torch.get_num_threads()
-        finally:
-            for p in spinners:
-                p.kill()
-                p.wait()
+        pace.start(1200)
+        pace()  # before the first block
+        for s in block_seconds:
+            now[0] += s
+            pace()
+        return torch.get_num_threads()
 
-    worker = threading.Thread(target=batch)
+    def batches():  # a thread of its own: its OpenMP count is its own
+        seen.append(batch([1.0, 1.1, 1.2]))  # the first batch: nothing to compare with
+        seen.append(batch([1.0, 1.5]))  # within SLOWER of the fastest
+        seen.append(batch([1.0, 2.0, 2.0]))  # another task took a core after the second block
+        seen.append(batch([2.0]))  # from its start
+        set_thread_count(1)
+        pace.start(600)
+        pace()
+        now[0] += 5.0
+        pace()
+        seen.append(torch.get_num_threads())  # one thread: nothing to give back
+
+    worker = threading.Thread(target=batches)
     worker.start()
     worker.join()
-    assert seen["beside"] == 1
-    if idle_cores() >= 2:  # the host's other tasks can take the cores this test would leave idle
-        assert seen["alone"] == 2
+    assert seen == [2, 2, 1, 1, 1]
+    assert pace.fastest[(2, (1200).bit_length())] == 1.0 / 1200
 
 
 def test_the_vision_tower_calls_back_before_each_block(checkpoint, processor):

@@ -65,9 +65,8 @@ def procs_running() -> int:
     return cores()  # no such line: assume the host busy
 
 
-def idle_cores(samples: int = 3, own: int = 1) -> int:
+def idle_cores(samples: int = 3) -> int:
     """Cores no other task wants, the least of a few readings (a reading catches threads that
-    only pass through): an OpenMP thread spinning between ops counts as wanting its core. `own`:
-    the caller's threads running now (its OpenMP workers spin between ops)."""
+    only pass through): an OpenMP thread spinning between ops counts as wanting its core."""
     running = min(procs_running() for _ in range(samples))
-    return max(0, cores() - (running - own))
+    return max(0, cores() - (running - 1))

@@ -40,7 +40,7 @@ class VisionEncoder:
     def __init__(self, checkpoint_dir: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  random_weights: bool = False, between_blocks: Callable[[], None] | None = None):
         """`random_weights`: made on the device from the config alone (bench/gpu.py's real shapes).
-        `between_blocks`: called before each transformer block of the tower (EncoderService's yield_cores)."""
+        `between_blocks`: called before each transformer block of the tower (EncoderService's BlockPace)."""
         self.config = load_config(checkpoint_dir)
         self.dtype, self.device = dtype, torch.device(device)
         vc = self.config.vision_config
