@@ -125,6 +125,15 @@ def test_the_engine_thread_alone_keeps_its_torch_threads():
         torch.set_num_threads(before)
 
 
+def on_a_thread_of_its_own(work) -> None:
+    """`work` on a new thread (its OpenMP count is its own); torch's default restored after."""
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    torch.set_num_threads(before)
+
+
 def test_a_step_leaves_a_core_to_an_encoder_on_this_host_while_it_works():
     busy, seen = [False], []
     cores = CoreShare(2, lambda: busy[0])
@@ -136,11 +145,7 @@ def test_a_step_leaves_a_core_to_an_encoder_on_this_host_while_it_works():
             cores.step()
             seen.append((torch.get_num_threads(), mkl_threads()))
 
-    before = torch.get_num_threads()
-    thread = threading.Thread(target=steps)
-    thread.start()
-    thread.join()
-    torch.set_num_threads(before)
+    on_a_thread_of_its_own(steps)
     assert seen == [(2, 2), (1, 1), (1, 1), (2, 2)]
 
 
@@ -157,11 +162,7 @@ def test_the_head_of_a_step_too_small_to_split_takes_every_core_but_one_an_encod
                 seen.append((torch.get_num_threads(), mkl_threads()))
             seen.append((torch.get_num_threads(), mkl_threads()))
 
-    before = torch.get_num_threads()
-    thread = threading.Thread(target=steps)
-    thread.start()
-    thread.join()
-    torch.set_num_threads(before)
+    on_a_thread_of_its_own(steps)
     assert seen == [(2, 2), (1, 1), (1, 1), (1, 1)]
     assert engine_threads(0, 64) == 1 and engine_threads(0, PARALLEL_HIDDEN) == len(os.sched_getaffinity(0))
 
@@ -207,7 +208,7 @@ def test_an_encoder_batch_whose_blocks_slow_down_gives_a_core_back():
             pace()
         return torch.get_num_threads()
 
-    def batches():  # a thread of its own: its OpenMP count is its own
+    def batches():
         seen.append(batch([1.0, 1.1, 1.2]))  # the first batch: nothing to compare with
         seen.append(batch([1.0, 1.5]))  # within SLOWER of the fastest
         seen.append(batch([1.0, 2.0, 2.0]))  # another task took a core after the second block
@@ -219,9 +220,7 @@ def test_an_encoder_batch_whose_blocks_slow_down_gives_a_core_back():
         pace()
         seen.append(torch.get_num_threads())  # one thread: nothing to give back
 
-    worker = threading.Thread(target=batches)
-    worker.start()
-    worker.join()
+    on_a_thread_of_its_own(batches)
     assert seen == [2, 2, 1, 1, 1]
     assert pace.fastest[(2, (1200).bit_length())] == 1.0 / 1200
 
