@@ -34,7 +34,7 @@ def watched_engine(model, puller, tokenizer, monkeypatch, backend=None):
     watch = DeviceDiscipline()
     watch.reads = watch.forwards = 0
     watch.generators = []
-    step, forward = engine.step, model.forward
+    step, forward = engine.step, model.hidden  # the decoder's forward (the lm_head follows it)
 
     def watched_step():
         watch.in_forward = False
@@ -57,7 +57,7 @@ def watched_engine(model, puller, tokenizer, monkeypatch, backend=None):
         return None  # meta has no generator; multinomial checks shapes only
 
     monkeypatch.setattr(engine, "step", watched_step)
-    monkeypatch.setattr(model, "forward", watched_forward)
+    monkeypatch.setattr(model, "hidden", watched_forward)
     monkeypatch.setattr(engine.runner, "to_host", to_host)
     monkeypatch.setattr(sampling, "generator_on", generator_on, raising=False)
     return engine, watch
@@ -122,8 +122,8 @@ def test_the_engine_step_fails_when_a_host_tensor_reaches_the_device(checkpoint,
     mistake this guards against) fails the request with the mix named."""
     model = LanguageModel(checkpoint, torch.bfloat16, device="meta")
     engine, watch = watched_engine(model, puller, processor.tokenizer, monkeypatch)
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda e, pos, *a, **k: forward(e, pos + torch.ones(pos.shape, dtype=torch.long), *a, **k))
+    forward = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda e, pos, *a, **k: forward(e, pos + torch.ones(pos.shape, dtype=torch.long), *a, **k))
     try:
         c = submit(engine, prompts["dragon"], max_tokens=2)
         assert c.done.wait(60)
