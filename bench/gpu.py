@@ -125,9 +125,10 @@ def prefill_rate(model, runner, kv, tokens: int, repeats: int) -> float:
 
     def once():
         s = kv.allocate_sequence(tokens)
-        seq = SimpleNamespace(kv=s, prefilled=0, prompt_len=tokens, tokens=[], sampler=Sampler(SamplingParams()),
+        params = SamplingParams()
+        seq = SimpleNamespace(kv=s, prefilled=0, prompt_len=tokens, tokens=[], params=params, sampler=Sampler(params),
                               grammar=None)
-        runner.run([runner.prepare(seq, rows)], [])
+        runner.sample(*runner.run([runner.prepare(seq, rows)], []))
         s.free()
 
     return tokens / timed(once, model.device, repeats)

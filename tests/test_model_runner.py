@@ -25,12 +25,14 @@ def test_batched_step_logits_equal_single(processor, encoder, language, referenc
                             mrope_delta=e.mrope_delta, sampler=Sampler(SamplingParams()), grammar=None)
             for e in encoded]
     runner = ModelRunner(language)
-    sampled, prefill = runner.run([runner.prepare(s, e) for s, e in zip(seqs, encoded)], [])
+    sampled, hidden = runner.run([runner.prepare(s, e) for s, e in zip(seqs, encoded)], [])
+    prefill = language.lm_head(hidden)
     assert sampled == seqs
     for seq, logits, prompt in zip(seqs, prefill, prompts):
         assert (logits - reference_logits(reference, prompt)[-1]).abs().max().item() <= TOL
         seq.tokens.append(int(logits.argmax()))
-    sampled, decoded = runner.run([], seqs)
+    sampled, hidden = runner.run([], seqs)
+    decoded = language.lm_head(hidden)
     for seq, logits, e in zip(sampled, decoded, encoded):
         single = KVCache(4)
         language.prefill(e, single)

@@ -124,9 +124,9 @@ def test_prompt_logits_after_a_cached_prefix(processor, encoder, language, refer
         seq = SimpleNamespace(kv=kv.allocate_sequence(e.length + 1, e.block_hashes(), e.length), prompt_len=e.length,
                               mrope_delta=e.mrope_delta, tokens=[], sampler=Sampler(SamplingParams()), grammar=None)
         seq.prefilled = seq.kv.length
-        _, logits = runner.run([runner.prepare(seq, e.slice(seq.prefilled, e.length))], [])
+        _, hidden = runner.run([runner.prepare(seq, e.slice(seq.prefilled, e.length))], [])
         kv.publish(seq.kv, e.block_hashes())
-        return seq, logits[0]
+        return seq, language.lm_head(hidden)[0]
 
     sa, la = prefill(ea)
     sb, lb = prefill(eb)

@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 from qwen3vl_epd.checkpoint.architecture import architecture
 from qwen3vl_epd.checkpoint.reader import LM_HEAD_PREFIX, TEXT_PREFIX, CheckpointReader, load_config, load_module
 from qwen3vl_epd.devices import to_device
+from qwen3vl_epd.language.greedy_head import GreedyHead, screenable
 from qwen3vl_epd.language.packed import PackedLinear, pack_linears, packable
 from qwen3vl_epd.language.sampling import Sampler, SamplingParams, finish_reason
 from qwen3vl_epd.prompt.encoded import EncodedPrompt
@@ -109,6 +110,7 @@ class LanguageModel:
         if packable(self.device, dtype) and not random_weights:
             pack_linears(self.model)
             self.lm_head = PackedLinear(self.lm_head)
+        self.greedy_head = GreedyHead(self.lm_head.weight) if screenable(self.device, dtype) and not random_weights else None
 
     def embed(self, fill_ids: torch.Tensor, visual_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """embed_tokens(fill_ids) on the device with the visual rows at the image/video pad

@@ -32,6 +32,12 @@ class PreparedChunk:
     visual_index: torch.Tensor  # host: rows of the chunk that are visual tokens
 
 
+def plain_greedy(seq: Sequence) -> bool:
+    """Greedy with nothing that needs the whole logits row (penalties, a grammar, log-probabilities)."""
+    return (seq.params.temperature <= 0 and seq.sampler.penalties is None and seq.grammar is None
+            and seq.params.logprobs is None)
+
+
 def host_tokens(values: torch.Tensor) -> list:
     """The step's one device→host synchronisation: the sampled ids (and their log-probabilities)."""
     return values.tolist()
@@ -57,7 +63,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, prefills: list[PreparedChunk], decodes: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
         """The sequences that sample this step (decodes, and prefills on their last chunk) and
-        their logits [n, vocab] on the device, row i for sequence i."""
+        their final hidden states [n, H] on the device, row i for sequence i (sample's lm_head
+        makes them logits)."""
         m, dev = self.model, self.model.device
         self._pending = None
         embeds, positions, visual, deepstack, wanted = [], [], [], [], []
@@ -94,16 +101,18 @@ class ModelRunner:
         attention = step_attention(self.attention_backend, decodes[0].kv.cache if decodes else prefills[0].seq.kv.cache,
                                    [(p.seq.kv, p.rows.length) for p in prefills], [s.kv for s in decodes])
         hidden = m.hidden(torch.cat(embeds), positions, attention, rest[:n_vis], ds, rest[n_vis:])
-        with self.head_threads():
-            logits = m.lm_head(hidden)
-        return [seq for seq, _ in wanted], logits
+        return [seq for seq, _ in wanted], hidden
 
     @torch.inference_mode()
-    def sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
+    def sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
         """Every row's next token, sampled on the device, and for the rows that ask, (logprob,
         [(id, logprob)] of the most likely): read back in one synchronisation."""
         with self.head_threads():
-            return self._sample(seqs, logits)
+            if self.model.greedy_head is not None and all(plain_greedy(s) for s in seqs):
+                tokens = self.model.greedy_head(hidden)
+                if tokens is not None:
+                    return [int(t) for t in self.to_host(tokens)], {}
+            return self._sample(seqs, self.model.lm_head(hidden))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
         masked = {}
