@@ -188,6 +188,7 @@ def test_an_encoder_batch_takes_the_cores_the_host_leaves_idle():
             time.sleep(0.05)
         assert idle_cores() == 0 and batch_threads(0) == 1
         assert batch_threads(0, language_idle=True) == cores()  # its own language server's word
+        assert batch_threads(0, language_idle=True, staged=1) == 1  # unless it is about to prefill
     finally:
         for p in spinners:
             p.kill()
