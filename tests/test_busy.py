@@ -21,6 +21,7 @@ from support.tritonserver import TritonServer
 pytestmark = pytest.mark.chaos
 
 PROBE_TIMEOUT_S = 1.0  # shorter than one vision batch of this checkpoint (checked below)
+SUPERVISOR_INTERVAL_S = 1.0  # launch.py's default --probe-interval-s
 SIDE = 640  # 1600 patches an image: a batch of 8 takes seconds on this machine's CPUs (448 took 1.6 s on an AVX-512 host)
 SOAK_SIDE = 224  # smaller images, so that 500 requests fit in a few minutes
 
@@ -45,6 +46,35 @@ def test_one_vision_batch_takes_longer_than_the_probe_timeout(server):
     t0 = time.monotonic()
     text_of(generate(server.grpc_url, "Describe these.", images, max_tokens=1, timeout=600))
     assert time.monotonic() - t0 > 2 * PROBE_TIMEOUT_S
+
+
+def language_inferences(server) -> float:
+    """Requests the language model has finished, the supervisor's probes among them."""
+    return sum(v for k, v in server.metric_values("nv_inference_request_success").items() if 'model="language"' in k)
+
+
+def test_a_language_model_whose_request_waits_on_the_encoder_is_not_probed(server):
+    """Its probe's prefill would take the cores from the encoder working for that request."""
+    images = [noise_jpeg(SIDE, seed=20_000 + i) for i in range(8)]
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (text_of(generate(server.grpc_url, "Describe these.", images,
+                                                               max_tokens=1, timeout=600)), done.set()), daemon=True)
+    language = faults.stub_pid(server, "language")
+    worker.start()
+    deadline = time.monotonic() + 60
+    while not ((beat := read_beat(language)) and beat.waiting == 1):
+        assert time.monotonic() < deadline, "the language model never said it waits on the encoder"
+        time.sleep(0.02)
+    time.sleep(0.5)  # a probe sent just before has answered
+    t0, before = time.monotonic(), language_inferences(server)
+    while (beat := read_beat(language)) and beat.waiting:
+        assert time.monotonic() - t0 < 120, "the encode never came back"
+        time.sleep(0.02)
+    waited, after = time.monotonic() - t0, language_inferences(server)
+    worker.join(60)
+    assert done.is_set()
+    assert waited > 3 * SUPERVISOR_INTERVAL_S  # the supervisor had its chances to probe it
+    assert after == before
 
 
 @pytest.mark.parametrize("endpoint", ["grpc", "openai"])

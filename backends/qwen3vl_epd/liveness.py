@@ -5,7 +5,9 @@ The rule (ops/supervisor.py acts on it): a model process is hung when its heartb
 `heartbeat_s` (frozen, or its interpreter wedged), or when it holds work and has not finished a
 unit of it for longer than its bound: `factor` × the units in hand × its slowest recent seconds
 per unit, at least `floor_s`, at most `ceiling_s` (and `ceiling_s` before it has any history). A
-long forward is busy, not hung; only an idle model is sent a deep probe (a real tiny request)."""
+long forward is busy, not hung; only an idle model is sent a deep probe (a real tiny request), and
+a language model whose requests all wait on encoders is not idle: a probe's prefill there would
+take the cores from the encoder working for it (a lone image's first token 0.15 s later)."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Beat:
     since: float  # wall clock progress last advanced, or the work in hand began
     units: int  # size of the work in hand (patches, tokens); 0: not known yet
     rate: float  # slowest recent seconds per unit; 0: no history yet
+    waiting: int = 0  # requests in hand that wait on another model (an encoder): not probed, not judged
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Progress:
     Plain attribute writes, so reporting never waits for the heartbeat thread."""
 
     def __init__(self):
-        self.busy, self.count, self.units = False, 0, 0
+        self.busy, self.count, self.units, self.waiting = False, 0, 0, 0
         self.since = time.time()
         self.rates: deque[float] = deque(maxlen=32)  # seconds per unit of recent work
 
@@ -96,7 +99,8 @@ class Progress:
         self.since, self.busy, self.units = time.time(), still_busy, 0
 
     def beat(self) -> Beat:
-        return Beat(time.time(), self.busy, self.count, self.since, self.units, max(self.rates, default=0.0))
+        return Beat(time.time(), self.busy, self.count, self.since, self.units, max(self.rates, default=0.0),
+                    self.waiting)
 
 
 class Heartbeat:

@@ -111,6 +111,7 @@ class LanguageService:
         request.phase, request.encodes = Phase.ENCODING, request.encodes + 1
         with self._lock:
             self.encoding += 1
+            self.engine.progress.waiting = self.encoding
         self.encode_workers.submit(self._encode, request)
 
     def _encode(self, request: LanguageRequest) -> None:
@@ -132,6 +133,7 @@ class LanguageService:
         finally:
             with self._lock:
                 self.encoding -= 1
+                self.engine.progress.waiting = self.encoding
 
     def _deliver(self, request: LanguageRequest, piece: Piece) -> None:
         """Every piece the engine makes; a request whose encoder was lost before its first token

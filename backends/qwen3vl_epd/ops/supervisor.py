@@ -128,8 +128,10 @@ class Supervisor:
         return None
 
     def _busy(self) -> set[str]:
-        """The models whose processes hold work now (their heartbeat says so)."""
-        return {stub.model for pid, stub in self.stubs.items() if (beat := read_beat(pid)) and beat.busy}
+        """The models whose processes hold work now, or requests waiting on another model (their
+        heartbeat says so)."""
+        return {stub.model for pid, stub in self.stubs.items()
+                if (beat := read_beat(pid)) and (beat.busy or beat.waiting)}
 
     def _keep_companions(self) -> None:
         for argv, process in self.companions.items():
