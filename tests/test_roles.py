@@ -117,6 +117,7 @@ def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
     from qwen3vl_epd.errors import InvalidInputError, PeerError
     from qwen3vl_epd.language.request import ENCODE_ATTEMPTS, LanguageRequest, Piece, PromptInputs
     from qwen3vl_epd.language.service import LanguageService
+    from qwen3vl_epd.liveness import Progress
 
     def run(outcomes):
         """outcomes: what each pull ends with; returns (encodes, pieces the client saw)."""
@@ -127,7 +128,7 @@ def test_a_prompt_whose_encoder_died_before_its_first_token_is_encoded_again():
         service.encoders = SimpleNamespace(encode=lambda *a, **k: encodes.append(a) or b"handle",
                                            count_retry=lambda: None)
         service.engine = SimpleNamespace(submit=lambda handle, request: service._deliver(request, next(outcomes)),
-                                         idle=lambda: True)
+                                         idle=lambda: True, progress=Progress())
         with ThreadPoolExecutor(1) as workers:
             service.encode_workers = workers
             request = LanguageRequest(None, lambda piece: seen.append(piece) or told.set(),
