@@ -6,7 +6,7 @@ The rule (ops/supervisor.py acts on it): a model process is hung when its heartb
 unit of it for longer than its bound: `factor` × the units in hand × its slowest recent seconds
 per unit, at least `floor_s`, at most `ceiling_s` (and `ceiling_s` before it has any history). A
 long forward is busy, not hung; only an idle model is sent a deep probe (a real tiny request), and
-a language model whose requests all wait on encoders is not idle: a probe's prefill there would
+a language model with requests waiting on encoders is not idle: a probe's prefill there would
 take the cores from the encoder working for it (a lone image's first token 0.15 s later)."""
 
 from __future__ import annotations

@@ -110,7 +110,9 @@ class LanguageModel:
         if packable(self.device, dtype) and not random_weights:
             pack_linears(self.model)
             self.lm_head = PackedLinear(self.lm_head)
-        self.greedy_head = GreedyHead(self.lm_head.weight) if screenable(self.device, dtype) and not random_weights else None
+        # Plain greedy steps' tokens, exact, from a bfloat16 copy of the head (half its size again).
+        screened = screenable(self.device, dtype) and not random_weights
+        self.greedy_head = GreedyHead(self.lm_head.weight) if screened else None
 
     def embed(self, fill_ids: torch.Tensor, visual_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """embed_tokens(fill_ids) on the device with the visual rows at the image/video pad
