@@ -27,6 +27,9 @@ def test_it_picks_the_float32_maximum_of_random_rows(hidden):
         for scale in (1e-3, 1.0, 40.0):
             x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(hidden)) * scale
             assert torch.equal(head(x), (x @ weight.T).argmax(-1))
+        x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(hidden)) * 1e-36
+        tokens = head(x)  # bfloat16 subnormals, which AMX reads as zero: the right tokens, or none
+        assert tokens is None or torch.equal(tokens, (x @ weight.T).argmax(-1))
         assert head(torch.zeros(0, hidden)).tolist() == []  # a step whose chunks are all mid-prompt
 
 

@@ -13,6 +13,7 @@ from qwen3vl_epd.language.packed import PACK_BATCH
 
 UNIT = 2.0**-9  # bfloat16's unit roundoff (8 significant bits, round to nearest)
 FLOAT_UNIT = 2.0**-24
+TINY = 2.0**-126  # the smallest normal float32 (and bfloat16)
 BLOCK = 64  # tokens whose screened logits are reduced to one maximum before the candidates are sought
 # Beyond these many a row (a hidden state near zero: every logit equal) the float32 product of the
 # whole head is cheaper than gathering the candidates' rows.
@@ -34,7 +35,11 @@ class GreedyHead:
         hidden = self.weight.shape[1]
         # |bf16 screen − exact| and |float32 product − exact| are each at most this times
         # ‖x‖·max‖w_v‖ ≥ Σ|x_i·w_vi|: the inputs' and the output's roundings, and the sums' (n·u).
-        self.error = (3 * UNIT * 1.01 + 2 * hidden * FLOAT_UNIT) * self.weight.norm(dim=1).max().item()
+        largest = self.weight.norm(dim=1).max().item()
+        self.error = (3 * UNIT * 1.01 + 2 * hidden * FLOAT_UNIT) * largest
+        # AMX reads bfloat16 subnormals as zero and flushes subnormal sums: at most this much more,
+        # times 1 + ‖x‖ (only a hidden state of norm below about 1e-33 would notice).
+        self.flushed = 2 * hidden * TINY * (1 + largest)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Each row's token [n] (long), or None when too many tokens are within the screen's error."""
@@ -48,7 +53,8 @@ class GreedyHead:
         blocks = screen[:, :whole].view(n, whole // BLOCK, BLOCK).amax(-1)
         if whole < vocab:
             blocks = torch.cat([blocks, screen[:, whole:].amax(-1, keepdim=True)], 1)
-        low = blocks.amax(-1) - 2 * self.error * hidden.norm(dim=1)
+        norm = hidden.norm(dim=1)
+        low = blocks.amax(-1) - 2 * (self.error * norm + self.flushed * (1 + norm))
         rows, block = (blocks >= low[:, None]).nonzero(as_tuple=True)
         if rows.numel() > MAX_BLOCKS_PER_ROW * n:
             return None
