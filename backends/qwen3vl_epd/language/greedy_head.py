@@ -33,8 +33,8 @@ class GreedyHead:
         self.weight = weight.detach()  # [V, H] float32, shared with the lm_head
         self.screen = torch.ops.mkldnn._reorder_linear_weight(self.weight.to(torch.bfloat16), PACK_BATCH)
         hidden = self.weight.shape[1]
-        # |bf16 screen − exact| and |float32 product − exact| are each at most this times
-        # ‖x‖·max‖w_v‖ ≥ Σ|x_i·w_vi|: the inputs' and the output's roundings, and the sums' (n·u).
+        # |bf16 screen − exact| + |float32 product − exact| is at most this times
+        # ‖x‖·max‖w_v‖ ≥ Σ|x_i·w_vi|: the inputs' and the output's roundings, and both sums' (n·u).
         largest = self.weight.norm(dim=1).max().item()
         self.error = (3 * UNIT * 1.01 + 2 * hidden * FLOAT_UNIT) * largest
         # AMX reads bfloat16 subnormals as zero and flushes subnormal sums: at most this much more,
