@@ -130,6 +130,7 @@ class EncoderService:
                              handle_ttl_s=s.handle_ttl_s, alloc_wait_s=s.alloc_wait_s)
         self.encode_seconds, self.encode_count = 0.0, 0
         self.vision_batches, self.vision_done = 0, 0.0  # batches that ran the tower, when the last ended
+        self.trimmed_at = 0  # vision_batches at the last heap trim
         self.progress = Progress()  # batches done, for the supervisor's liveness rule (liveness.py)
         self.processor.on_progress = self.progress.advance  # a long clip's decode is not a hang
         self._stop = threading.Event()
@@ -139,21 +140,20 @@ class EncoderService:
         self._reclaimer.start()
 
     def _reclaim_loop(self, interval: float) -> None:
-        trimmed = [0]  # vision batches done at the last trim
         while not self._stop.wait(interval):
             try:  # this thread frees slots: it must outlive any bug in one round
-                self._round(trimmed)
+                self._round()
             except Exception:
                 log.exception("encoder background round failed")
 
-    def _round(self, trimmed: list) -> None:
+    def _round(self) -> None:
         self.stager.reclaim()
         # While no batch runs (a trim holds the heap's locks for 10-20 ms), after TRIM_BATCHES
         # vision batches or once idle for TRIM_IDLE_S after one: the next batch faults in every
         # page a trim gave back (moderate checkpoint, one image: 9-12 k faults, 40-70 ms more).
-        new, idle = self.vision_batches - trimmed[0], time.monotonic() - self.vision_done
+        new, idle = self.vision_batches - self.trimmed_at, time.monotonic() - self.vision_done
         if not self.progress.busy and (new >= TRIM_BATCHES or (new and idle >= TRIM_IDLE_S)):
-            trimmed[0] = self.vision_batches
+            self.trimmed_at = self.vision_batches
             trim_heap()
         self.on_tick()
 
