@@ -17,7 +17,7 @@ from qwen3vl_epd.cpu_threads import cores, idle_cores, mkl_threads, procs_runnin
 from qwen3vl_epd.encoder.service import BlockPace, batch_threads
 from qwen3vl_epd.encoder.vision import VisionEncoder
 from qwen3vl_epd.language.encoder_pool import EncoderPool, on_this_host
-from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, CoreShare, engine_threads
+from qwen3vl_epd.language.engine.threads import PARALLEL_HIDDEN, PARALLEL_TOKENS, CoreShare, engine_threads
 from qwen3vl_epd.language.packed import DENSE_EXPERT_ROWS, PACKED_ROWS, PackedExperts, PackedLinear, packable
 from qwen3vl_epd.prompt.video_processing import VideoOptions
 from support.prompts import prompt_inputs
@@ -165,6 +165,21 @@ def test_the_head_of_a_step_too_small_to_split_takes_every_core_but_one_an_encod
     on_a_thread_of_its_own(steps)
     assert seen == [(2, 2), (1, 1), (1, 1), (1, 1)]
     assert engine_threads(0, 64) == 1 and engine_threads(0, PARALLEL_HIDDEN) == len(os.sched_getaffinity(0))
+
+
+def test_a_long_prompt_chunk_of_a_model_too_small_to_split_takes_every_core_but_one_an_encoder_uses():
+    busy, seen = [False], []
+    cores = CoreShare(1, lambda: busy[0], head_threads=2)
+
+    def steps():
+        cores.take()
+        for b, tokens in ((False, PARALLEL_TOKENS - 1), (False, PARALLEL_TOKENS), (True, 364), (False, 16)):
+            busy[0] = b
+            cores.step(tokens)
+            seen.append((torch.get_num_threads(), mkl_threads()))
+
+    on_a_thread_of_its_own(steps)
+    assert seen == [(1, 1), (2, 2), (1, 1), (1, 1)]
 
 
 def test_which_encoder_pools_share_this_host():

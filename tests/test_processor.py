@@ -52,6 +52,25 @@ def test_conversions_to_rgb():
     assert np.array_equal(np.asarray(decode_image(image_bytes("animated.webp"), 0, limits)), np.asarray(frame0))
 
 
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_patches_equal_the_image_processors_own(processor, name):
+    """The table-lookup patches (ImagePatches) equal transformers' processor bit for bit."""
+    image = decode_image(image_bytes(name), 0, Limits())
+    ours, grid = processor._patch(image, 0)
+    theirs = processor.image_processor(images=[image], return_tensors="pt")
+    assert torch.equal(ours, theirs["pixel_values"].float()) and torch.equal(grid, theirs["image_grid_thw"])
+
+
+@pytest.mark.parametrize("size", [(640, 480), (77, 100), (1000, 33), (1920, 1080), (1, 1), (3000, 17)])
+def test_patches_of_resized_images_equal_the_image_processors_own(processor, size):
+    """Sizes the processor resizes (not multiples of 32, or below its minimum) and one it keeps."""
+    pixels = np.random.default_rng(sum(size)).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    ours, grid = processor.patches(image)
+    theirs = processor.image_processor(images=[image], return_tensors="pt")
+    assert torch.equal(ours, theirs["pixel_values"].float()) and torch.equal(grid, theirs["image_grid_thw"])
+
+
 @pytest.mark.parametrize("name", REJECTED)
 def test_rejected_images_name_the_index(processor, name):
     err_type, text = ERROR_TYPES[name], REJECTED[name]

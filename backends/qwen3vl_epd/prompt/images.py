@@ -53,4 +53,6 @@ def decode_raw(data: bytes, index: int, limits: Limits) -> Image.Image:
         arr = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
         image = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image  # what convert_to_rgb would return, without its copy through numpy
     return Image.fromarray(convert_to_rgb(image, return_numpy=True))

@@ -19,6 +19,7 @@ from qwen3vl_epd.prompt.encoded import CachedImage, ImageLookup
 from qwen3vl_epd.prompt.images import decode_raw, image_data
 from qwen3vl_epd.prompt.layout import VIDEO_PLACEHOLDER, VISION_PLACEHOLDER, Layout, expand_videos
 from qwen3vl_epd.prompt.limits import Limits
+from qwen3vl_epd.prompt.patches import ImagePatches
 from qwen3vl_epd.prompt.processed import ProcessedPrompt
 from qwen3vl_epd.prompt.video_processing import ProcessedVideo, VideoOptions, VideoProcessor
 from qwen3vl_epd.prompt.videos import video_data
@@ -43,6 +44,7 @@ class Processor:
         # Everything that shapes an image's patches besides its bytes: part of its cache key.
         self.fingerprint = hashlib.sha256(json.dumps(pp, sort_keys=True).encode()).digest()
         self.merge_size = self.image_processor.merge_size
+        self.patches = ImagePatches.of(self.image_processor)
         self.layout = Layout(self.config, self.architecture)
         self.on_progress = lambda: None  # called per decoded video frame (the encoder's liveness)
 
@@ -170,6 +172,8 @@ class Processor:
     def _patch(self, image: Image.Image, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's patches [n, C*T*P*P] float32 and grid [1, 3]."""
         try:
+            if self.patches is not None and image.mode == "RGB":
+                return self.patches(image)
             out = self.image_processor(images=[image], return_tensors="pt")
         except ValueError as e:  # smart_resize: aspect ratio over 200
             raise ImageTooLargeError(

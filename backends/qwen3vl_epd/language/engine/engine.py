@@ -192,8 +192,8 @@ class Engine:
         return chunks
 
     def _run(self, chunks: list[PreparedChunk], decodes: list[Sequence]) -> None:
-        self.cores.step()
         self.progress.units = len(decodes) + sum(c.seq.next_chunk_tokens() for c in chunks)
+        self.cores.step(self.progress.units)
         sampled, logits = self.runner.run(chunks, decodes)
         self.steps += 1
         self.mixed_steps += bool(chunks and decodes)

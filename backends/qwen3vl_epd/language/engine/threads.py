@@ -10,8 +10,9 @@ from qwen3vl_epd.cpu_threads import cores, set_thread_count, take_threads
 
 # Below this hidden size a layer's products are too small to split: the embedded tiny checkpoint
 # (64) served 10-20% fewer tokens/s on two threads than on one, the 325 M one (768) 20-35% more.
-# Its lm_head and sampling, over the whole vocabulary, are not (CoreShare.head).
-PARALLEL_HIDDEN = 512
+# Its lm_head and sampling, over the whole vocabulary, are not (CoreShare.head), nor a step of this
+# many tokens (a 364-token image prompt: 24 ms on one thread, 19 on two; 80 tokens: 15.5 and 14.8).
+PARALLEL_HIDDEN, PARALLEL_TOKENS = 512, 128
 
 
 def engine_threads(setting: int, hidden_size: int) -> int:
@@ -22,9 +23,10 @@ def engine_threads(setting: int, hidden_size: int) -> int:
 
 
 class CoreShare:
-    """`threads` for each step and `head_threads` for its lm_head and sampling, one fewer while
-    `encoder_busy()`: both processes on every core would stall each parallel op on a thread the
-    other holds (a 2-core host served images at 0.6 of the throughput that way)."""
+    """`threads` for each step and `head_threads` for its lm_head, its sampling and a step of
+    PARALLEL_TOKENS or more, one fewer while `encoder_busy()`: both processes on every core would
+    stall each parallel op on a thread the other holds (a 2-core host served images at 0.6 of the
+    throughput that way)."""
 
     def __init__(self, threads: int, encoder_busy: Callable[[], bool] = lambda: False, head_threads: int = 0):
         self.threads, self.head_threads = threads, head_threads or threads
@@ -39,9 +41,11 @@ class CoreShare:
         """On the engine's thread, before its first step."""
         take_threads(self.threads)
 
-    def step(self) -> None:
+    def step(self, tokens: int = 1) -> None:
+        """Before a step of `tokens` rows."""
         self.sharing = self.encoder_busy()
-        want = max(1, self.threads - 1) if self.sharing else self.threads
+        threads = self.head_threads if tokens >= PARALLEL_TOKENS else self.threads
+        want = max(1, threads - 1) if self.sharing else threads
         if want != self.current:
             set_thread_count(want)
             self.current = want
