@@ -46,7 +46,7 @@ def host_tokens(values: torch.Tensor) -> list:
 class ModelRunner:
     def __init__(self, model: LanguageModel, attention_backend: str = "sdpa",
                  head_threads: Callable[[], AbstractContextManager] = nullcontext):
-        """`head_threads`: entered around the lm_head and sampling (CoreShare.head)."""
+        """`head_threads`: entered around the float32 lm_head and sampling (CoreShare.head)."""
         self.model, self.attention_backend, self.head_threads = model, attention_backend, head_threads
         self.to_host = host_tokens
         self._masks = ThreadPoolExecutor(1, thread_name_prefix="epd-grammar")  # beside the forward
@@ -107,11 +107,11 @@ class ModelRunner:
     def sample(self, seqs: list[Sequence], hidden: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
         """Every row's next token, sampled on the device, and for the rows that ask, (logprob,
         [(id, logprob)] of the most likely): read back in one synchronisation."""
+        if self.model.greedy_head is not None and all(plain_greedy(s) for s in seqs):
+            tokens = self.model.greedy_head(hidden)
+            if tokens is not None:
+                return [int(t) for t in self.to_host(tokens)], {}
         with self.head_threads():
-            if self.model.greedy_head is not None and all(plain_greedy(s) for s in seqs):
-                tokens = self.model.greedy_head(hidden)
-                if tokens is not None:
-                    return [int(t) for t in self.to_host(tokens)], {}
             return self._sample(seqs, self.model.lm_head(hidden))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, tuple]]:
