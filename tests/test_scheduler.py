@@ -91,11 +91,20 @@ def test_chunk_budget_decodes_first(processor):
     assert prefills == [long] and not decodes  # 32 + 10 > 40: short waits for the next step
 
 
-def test_a_chunk_over_the_budget_runs_alone(processor):
+def test_a_chunk_over_the_budget_runs_beside_decodes_but_with_no_other_chunk(processor):
     s = scheduler(kv_blocks=64, max_batched_tokens=16)
-    big = sequence(processor.tokenizer, 64, chunk_tokens=64)
+    decoding = [sequence(processor.tokenizer, 4) for _ in range(2)]
+    for seq in decoding:
+        s.add(seq)
+    step(s)
+    s.postprocess(decoding, decoding, [1] * 2)
+    big, small = sequence(processor.tokenizer, 64, chunk_tokens=64), sequence(processor.tokenizer, 4)
     s.add(big)
-    assert step(s) == ([big], [])
+    s.add(small)
+    assert step(s) == ([big], decoding)  # never starved by decodes; small waits for the next step
+    s.postprocess([big], [big, *decoding], [1] * 3)
+    prefills, decodes = step(s)
+    assert prefills == [small] and sorted(q.id for q in decodes) == sorted(q.id for q in (big, *decoding))
 
 
 def test_postprocess_walks_chunks_then_decodes(processor):

@@ -113,7 +113,7 @@ class LanguageSettings(Settings):
     kv_block_size: int = 16  # scripts/serve --device cuda makes it 256, the paged flash-attention unit
     attention_backend: str = "auto"  # auto: flash on CUDA (fp16/bf16, kv_block_size % 256 == 0), else sdpa
     prefix_cache: bool = True  # reuse the KV of full prompt blocks other requests computed (LRU)
-    max_batched_tokens: int = 2048  # tokens per forward: decode tokens plus prompt chunks
+    max_batched_tokens: int = 512  # tokens per forward: decode tokens plus prompt chunks (the first chunk always runs)
     max_running: int = 256
     max_queued_requests: int = 1024  # requests waiting for the engine (and prompts with images held); more: UNAVAILABLE
     max_queue_s: float = 600.0  # a request not admitted within this gets UNAVAILABLE (retry)

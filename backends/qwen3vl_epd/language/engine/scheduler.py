@@ -89,14 +89,15 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], list[Sequence]]:
         """(sequences that run their next prompt chunk, which has arrived, and sequences that decode
-        one token) this step: decodes first, then chunks while the token budget lasts."""
+        one token) this step: decodes first, then chunks while the token budget lasts; the first
+        chunk runs whatever its size, so decodes never starve a long prompt."""
         decodes = [s for s in self.running if s.status is Status.DECODE]
         budget = self.max_batched_tokens - len(decodes)
         prefills = []
         for s in self.running:
             if s.status is Status.PREFILL and s.rows is not None:
                 n = s.next_chunk_tokens()
-                if n <= budget or not (prefills or decodes):  # a too-large chunk still runs alone
+                if n <= budget or not prefills:
                     prefills.append(s)
                     budget -= n
         return prefills, decodes
