@@ -36,6 +36,17 @@ def step(s: Scheduler):
     return s.schedule()
 
 
+def decoding(s: Scheduler, tokenizer, n: int) -> list[Sequence]:
+    """n short sequences past their prompt (one chunk each, first token out), now decoding."""
+    seqs = [sequence(tokenizer, 4) for _ in range(n)]
+    for seq in seqs:
+        s.add(seq)
+    step(s)
+    s.postprocess(seqs, seqs, [1] * n)
+    assert all(q.status is Status.DECODE for q in seqs)
+    return seqs
+
+
 def test_admission_reserves_kv_for_prompt_plus_max_tokens_fcfs(processor):
     s = scheduler(kv_blocks=16)
     a = sequence(processor.tokenizer, 100, max_tokens=28)  # 128 tokens: 8 blocks
@@ -72,20 +83,15 @@ def test_max_running(processor):
 
 def test_chunk_budget_decodes_first(processor):
     s = scheduler(kv_blocks=64, max_batched_tokens=40)
-    decoding = [sequence(processor.tokenizer, 4) for _ in range(6)]
-    for seq in decoding:
-        s.add(seq)
-    step(s)
-    s.postprocess(decoding, decoding, [1] * 6)  # one chunk each: prompt done, first token out
-    assert all(q.status is Status.DECODE for q in decoding)
+    running = decoding(s, processor.tokenizer, 6)
     long = sequence(processor.tokenizer, 100, chunk_tokens=32)  # chunks of 32, 32, 32, 4
     short = sequence(processor.tokenizer, 10)
     s.add(long)
     s.add(short)
     prefills, decodes = step(s)
     # 40 tokens: the 6 decode tokens first, then 32 of long's chunk; short's 10 do not fit
-    assert decodes == decoding and prefills == [long]
-    for seq in decoding:
+    assert decodes == running and prefills == [long]
+    for seq in running:
         s.finish(seq, "cancelled")
     prefills, decodes = step(s)
     assert prefills == [long] and not decodes  # 32 + 10 > 40: short waits for the next step
@@ -93,18 +99,14 @@ def test_chunk_budget_decodes_first(processor):
 
 def test_a_chunk_over_the_budget_runs_beside_decodes_but_with_no_other_chunk(processor):
     s = scheduler(kv_blocks=64, max_batched_tokens=16)
-    decoding = [sequence(processor.tokenizer, 4) for _ in range(2)]
-    for seq in decoding:
-        s.add(seq)
-    step(s)
-    s.postprocess(decoding, decoding, [1] * 2)
+    running = decoding(s, processor.tokenizer, 2)
     big, small = sequence(processor.tokenizer, 64, chunk_tokens=64), sequence(processor.tokenizer, 4)
     s.add(big)
     s.add(small)
-    assert step(s) == ([big], decoding)  # never starved by decodes; small waits for the next step
-    s.postprocess([big], [big, *decoding], [1] * 3)
+    assert step(s) == ([big], running)  # never starved by decodes; small waits for the next step
+    s.postprocess([big], [big, *running], [1] * 3)
     prefills, decodes = step(s)
-    assert prefills == [small] and sorted(q.id for q in decodes) == sorted(q.id for q in (big, *decoding))
+    assert prefills == [small] and sorted(q.id for q in decodes) == sorted(q.id for q in (big, *running))
 
 
 def test_postprocess_walks_chunks_then_decodes(processor):
