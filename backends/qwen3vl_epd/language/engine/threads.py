@@ -53,7 +53,7 @@ class CoreShare:
     @contextmanager
     def head(self) -> Iterator[None]:
         """Around the step's float32 lm_head and sampling (tiny checkpoint, text at 16: 780 -> 830
-        tok/s). Not around the greedy head: 2.3 ms on one thread, and the second's spinning beside
+        tok/s). Not around the greedy head: 2-4 ms on one thread, and the second's spinning beside
         it took more from the door and the client than it gave (three alternating pairs: 617, 669,
         569 tok/s on two against 708, 693, 560 on one)."""
         want = max(1, self.head_threads - 1) if self.sharing else self.head_threads
